@@ -1,0 +1,29 @@
+# Two commands for a fresh machine: `make serve` and `make test` (see README).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARTIFACT ?= artifacts/default
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: serve test install install-test artifact clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q
+
+artifact: install
+	test -f $(ARTIFACT)/manifest.json || $(PY) -m export --model orthserve-mini --pretrained default --out $(ARTIFACT)
+
+serve: artifact
+	ORTHSERVE_MODEL=$(ARTIFACT) $(VENV)/bin/bentoml serve service.service:Classifier --port $${PORT:-3000}
+
+clean:
+	rm -rf $(VENV) artifacts

@@ -1,0 +1,31 @@
+"""Adapter methods: each a config (what to adapt, hyper-parameters) plus a module.
+
+Injection, folding, the bypass and adapter-only checkpoints live in one place,
+:mod:`orthserve.surgery`.
+"""
+from .base import AdapterConfig, WeightAdapter
+from .lowrank import AOFT, ATTENTION_TARGETS, LoRA, AOFTConfig, LoRAConfig
+from .orthogonal import FFN_TARGETS, BlockRotation, OrthogonalConfig, cayley
+from .taskres import TaskResConfig, TaskResidual
+
+METHODS: dict[str, type[AdapterConfig]] = {
+    cls.method: cls for cls in (OrthogonalConfig, LoRAConfig, AOFTConfig, TaskResConfig)
+}
+
+
+def config_from_dict(data: dict) -> AdapterConfig:
+    """Inverse of ``AdapterConfig.to_dict``."""
+    data = dict(data)
+    method = data.pop("method", None)
+    if method not in METHODS:
+        raise ValueError(f"unknown adapter method {method!r}; known: {sorted(METHODS)}")
+    if "targets" in data:
+        data["targets"] = tuple(data["targets"])
+    return METHODS[method](**data)
+
+
+__all__ = [
+    "AdapterConfig", "WeightAdapter", "BlockRotation", "LoRA", "AOFT", "TaskResidual",
+    "OrthogonalConfig", "LoRAConfig", "AOFTConfig", "TaskResConfig",
+    "FFN_TARGETS", "ATTENTION_TARGETS", "METHODS", "config_from_dict", "cayley",
+]

@@ -1,0 +1,71 @@
+"""CLIP as a classifier over a fixed set of class names.
+
+Class embeddings are the mean of the normalized text embeddings of each class's prompts
+(one per template), renormalized, as in CLIP's zero-shot recipe.  They are recomputed on
+every call when the text tower is being adapted (so gradients reach text adapters) and
+computed once otherwise.  An optional TaskRes residual sits on top.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters import TaskResConfig, TaskResidual, WeightAdapter
+
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+def is_text_side(name: str) -> bool:
+    """open_clip keeps the image tower under ``visual``; everything else but the scale is text."""
+    return not name.startswith("visual") and "logit_scale" not in name and "logit_bias" not in name
+
+
+class CLIPClassifier(nn.Module):
+    def __init__(self, model: nn.Module, tokenizer: Callable, classnames: Sequence[str],
+                 templates: Sequence[str] = DEFAULT_TEMPLATES) -> None:
+        super().__init__()
+        if not classnames:
+            raise ValueError("a classifier needs at least one class name")
+        self.model = model
+        self.classnames, self.templates = list(classnames), list(templates)
+        prompts = [template.format(name) for name in self.classnames for template in self.templates]
+        tokens = tokenizer(prompts)
+        self.register_buffer("prompt_tokens", tokens.view(len(self.classnames), len(self.templates), -1), persistent=False)
+        self.taskres: TaskResidual | None = None
+        self._cached_text: torch.Tensor | None = None
+
+    def add_taskres(self, config: TaskResConfig) -> TaskResidual:
+        dim = self.text_features().shape[-1]
+        self.taskres = TaskResidual(len(self.classnames), dim, config.alpha).to(self.prompt_tokens.device)
+        return self.taskres
+
+    def text_is_adapted(self) -> bool:
+        return any(p.requires_grad for n, p in self.model.named_parameters() if is_text_side(n)) or any(
+            isinstance(m, WeightAdapter) for n, m in self.model.named_modules() if is_text_side(n))
+
+    def text_features(self) -> torch.Tensor:
+        """``[classes, dim]`` normalized prompt-ensemble embeddings from the (adapted) text tower."""
+        if self._cached_text is not None and not self.text_is_adapted():
+            return self._cached_text
+        classes, templates, length = self.prompt_tokens.shape
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_is_adapted()):
+            per_prompt = F.normalize(self.model.encode_text(self.prompt_tokens.view(-1, length)), dim=-1)
+            features = F.normalize(per_prompt.view(classes, templates, -1).mean(dim=1), dim=-1)
+        if not self.text_is_adapted():
+            self._cached_text = features.detach()
+        return features
+
+    def class_embeddings(self) -> torch.Tensor:
+        features = self.text_features()
+        return self.taskres(features) if self.taskres is not None else features
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.encode_image(images), dim=-1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits ``[batch, classes]``."""
+        image = self.image_features(images)
+        return self.model.logit_scale.exp() * image @ self.class_embeddings().to(image.dtype).T

@@ -1,0 +1,92 @@
+"""One entry point that turns ``(model name, pretrained)`` into a ready model.
+
+Modelled on open_clip's factory: a name is an open_clip registry name (ours are
+registered on import) or a path to an open_clip JSON config; ``pretrained`` is an
+open_clip tag, a local checkpoint file, or ``"none"`` for random weights.  We never
+fall back to random weights silently: if weights were asked for and cannot be had,
+:class:`WeightsUnavailableError` says which model, which tag, and how to pass a file.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import open_clip
+import torch
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+NO_WEIGHTS = ("none", "", None)
+
+open_clip.add_model_config(CONFIG_DIR)
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights were asked for but cannot be loaded."""
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    return os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
+
+
+def resolve_model_name(name: str) -> str:
+    """Accept a registry name or a path to an open_clip JSON model config."""
+    if name.endswith(".json"):
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"model config file {name!r} does not exist")
+        open_clip.add_model_config(path)
+        return path.stem
+    if name not in open_clip.list_models():
+        raise ValueError(
+            f"unknown model {name!r}: not an open_clip model name and not a .json config file "
+            f"(see open_clip.list_models(); ours: orthserve-tiny, orthserve-mini)"
+        )
+    return name
+
+
+def load_model(
+    name: str,
+    pretrained: str | None = "none",
+    device: str | torch.device = "cpu",
+) -> tuple[torch.nn.Module, Callable[[Any], torch.Tensor], Callable[..., torch.Tensor]]:
+    """Return ``(model, preprocess, tokenizer)`` in eval mode on ``device``.
+
+    ``preprocess`` is open_clip's eval transform (PIL image -> tensor); the service and
+    export use the NumPy twin in :mod:`orthserve.preprocess`, tested equal to it.
+    """
+    from . import mini  # registers orthserve-mini (needs the local MiniLM path at runtime)
+
+    name = mini.register() if name == mini.MODEL_NAME else resolve_model_name(name)
+    checkpoint = None if pretrained in NO_WEIGHTS else str(pretrained)
+    if checkpoint == "default" and name == mini.MODEL_NAME:
+        # text weights come from the MiniLM package; ours hold the image tower only
+        default_weights = mini.default_weights_path(must_exist=True)
+        model, preprocess, tokenizer = load_model(name, "none", device)
+        mini.load_default_weights(model, default_weights)
+        return model.to(device).eval(), preprocess, tokenizer
+    if checkpoint is not None and _looks_like_path(checkpoint) and not Path(checkpoint).is_file():
+        raise WeightsUnavailableError(
+            f"checkpoint file {checkpoint!r} for model {name!r} does not exist; "
+            f"pass an existing open_clip checkpoint (.safetensors/.pt) or 'none' for random weights"
+        )
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=checkpoint, device=device)
+    except Exception as err:  # network errors, unknown tags, bad files all surface here
+        if checkpoint is None:
+            raise
+        hint = (
+            f"could not load pretrained weights {checkpoint!r} for model {name!r}: {err}. "
+            f"Known tags for this model: {open_clip.list_pretrained_tags_by_model(name) or 'none'}. "
+            f"Without network access, download the weights elsewhere and pass the local file, "
+            f"e.g. --pretrained /path/to/{name}.safetensors, or --pretrained none for random weights."
+        )
+        raise WeightsUnavailableError(hint) from err
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(name)
+    return model, preprocess, tokenizer
+
+
+def image_size(model: torch.nn.Module) -> int:
+    size = model.visual.image_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)

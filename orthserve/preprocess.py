@@ -1,0 +1,114 @@
+"""Image decoding and preprocessing in NumPy + Pillow: the one implementation.
+
+The service, export verification and benchmarks all call this; it reproduces
+open_clip's eval transform (shorter side resized to ``image_size`` with Pillow's
+bicubic filter, center crop, scale to [0, 1], normalize) without torch, so the
+service does not need torch to preprocess.  ``tests/test_preprocess.py`` checks it
+against open_clip's own transform on real photos.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+                  "nearest": Image.Resampling.NEAREST}
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image we can read (empty, truncated, unknown format, too large)."""
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+
+    @classmethod
+    def from_model(cls, model) -> "PreprocessSpec":
+        import open_clip
+
+        cfg = open_clip.get_model_preprocess_cfg(model)
+        size = cfg["size"]
+        return cls(int(size[0] if isinstance(size, (tuple, list)) else size), tuple(cfg["mean"]), tuple(cfg["std"]),
+                   cfg.get("interpolation", "bicubic"), cfg.get("resize_mode", "shortest"))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PreprocessSpec":
+        return cls(int(data["image_size"]), tuple(data["mean"]), tuple(data["std"]),
+                   data.get("interpolation", "bicubic"), data.get("resize_mode", "shortest"))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Bytes -> RGB Pillow image: EXIF orientation applied, first frame of animations,
+    alpha composited on black (as PIL's convert does), 16-bit and CMYK converted.
+    Raises :class:`ImageDecodeError` with a readable reason."""
+    if not data:
+        raise ImageDecodeError("empty file: zero bytes")
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageDecodeError(f"image is {width}x{height} pixels, above the limit of {max_pixels}")
+        image.seek(0)
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            array = np.asarray(image, dtype=np.float64)
+            top = 65535.0 if array.max() > 255 else 255.0
+            image = Image.fromarray((array * (255.0 / top)).clip(0, 255).astype(np.uint8), "L")
+        return image.convert("RGB")
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise ImageDecodeError(f"image too large (decompression bomb guard): {err}") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageDecodeError(f"not a readable image: {err}") from err
+
+
+def resize_shorter_side(image: Image.Image, size: int, interpolation: str = "bicubic") -> Image.Image:
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)  # torchvision truncates the long side
+    new_size = (new_short, new_long) if width <= height else (new_long, new_short)
+    return image if new_size == image.size else image.resize(new_size, INTERPOLATIONS[interpolation])
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    if width < size or height < size:  # pad like torchvision (never happens after the resize)
+        canvas = Image.new(image.mode, (max(width, size), max(height, size)))
+        canvas.paste(image, ((canvas.width - width) // 2, (canvas.height - height) // 2))
+        image, (width, height) = canvas, canvas.size
+    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def preprocess(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """RGB Pillow image -> float32 ``[3, H, W]`` normalized pixels."""
+    if spec.resize_mode != "shortest":
+        raise ValueError(f"resize mode {spec.resize_mode!r} is not supported (only 'shortest')")
+    image = center_crop(resize_shorter_side(image.convert("RGB"), spec.image_size, spec.interpolation), spec.image_size)
+    pixels = np.asarray(image, dtype=np.float32) / 255.0
+    pixels = (pixels - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def preprocess_batch(images: Iterable[Image.Image], spec: PreprocessSpec) -> np.ndarray:
+    return np.stack([preprocess(image, spec) for image in images])
+
+
+def load_images(paths: Sequence[str], spec: PreprocessSpec) -> np.ndarray:
+    """Files -> ``[N, 3, H, W]``; for verification and benchmarks."""
+    return preprocess_batch((decode_image(open(p, "rb").read()) for p in paths), spec)
