@@ -1,12 +1,12 @@
 """orthserve: adapt CLIP with a few labelled images, fold the adapters away, serve it."""
 from .adapters import AOFTConfig, LoRAConfig, OrthogonalConfig, TaskResConfig
 from .classifier import CLIPClassifier
-from .models import WeightsUnavailableError, load_model
+from .models import WeightsUnavailableError, get_tokenizer, load_model
 from .surgery import adapter_parameters, bypass, count_trainable, fold, inject, load_adapters, save_adapters
 
 __version__ = "0.1.0"
 __all__ = [
-    "load_model", "WeightsUnavailableError", "CLIPClassifier", "inject", "fold", "bypass",
+    "load_model", "get_tokenizer", "WeightsUnavailableError", "CLIPClassifier", "inject", "fold", "bypass",
     "save_adapters", "load_adapters", "adapter_parameters", "count_trainable",
     "OrthogonalConfig", "LoRAConfig", "AOFTConfig", "TaskResConfig",
 ]

@@ -90,3 +90,11 @@ def load_model(
 def image_size(model: torch.nn.Module) -> int:
     size = model.visual.image_size
     return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def get_tokenizer(name: str) -> Callable[..., torch.Tensor]:
+    """open_clip tokenizer for a model name (registers orthserve-mini first)."""
+    from . import mini
+
+    name = mini.register() if name == mini.MODEL_NAME else resolve_model_name(name)
+    return open_clip.get_tokenizer(name)

@@ -1,0 +1,32 @@
+"""Shared fixtures. Real images live in ../shared/data (never copied into the repo)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+requires_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real images not found at {DATA}")
+
+
+@pytest.fixture
+def tiny():
+    """A fresh orthserve-tiny ``(model, preprocess, tokenizer)`` with fixed random weights."""
+    import orthserve
+
+    torch.manual_seed(0)
+    return orthserve.load_model("orthserve-tiny", "none")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA.is_dir():
+        pytest.skip(f"real images not found at {DATA}")
+    return DATA
