@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from .classifier import CLIPClassifier
-from .models import load_model
+from .models import NO_WEIGHTS, load_model
 from .surgery import load_adapters
 
 RUN_FORMAT = "orthserve-run/1"
@@ -55,10 +55,23 @@ class RunInfo:
         return cls(**data)
 
 
+def load_base_model(name: str, pretrained: str, seed: int | None, device: str | torch.device = "cpu"):
+    """``load_model``, with random base weights (``pretrained`` none) drawn from ``seed``.
+
+    Training seeds the same way, so a run on random weights rebuilds the base it was
+    trained on; the caller's global RNG state is left untouched.
+    """
+    if pretrained not in NO_WEIGHTS:
+        return load_model(name, pretrained, device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0 if seed is None else seed)
+        return load_model(name, pretrained, device)
+
+
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[CLIPClassifier, RunInfo]:
     """Rebuild the adapted (unfolded) classifier of a run, in eval mode."""
     info = RunInfo.read(run_dir)
-    model, _, tokenizer = load_model(info.model, info.pretrained, device)
+    model, _, tokenizer = load_base_model(info.model, info.pretrained, info.seed, device)
     classifier = CLIPClassifier(model, tokenizer, info.classnames, info.templates).to(device)
     weights = Path(run_dir) / ADAPTER_FILE
     if info.method == "full":

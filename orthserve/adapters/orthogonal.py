@@ -81,19 +81,21 @@ class BlockRotation(WeightAdapter):
 
 @dataclass
 class OrthogonalConfig(AdapterConfig):
-    """OrthCR's orthogonal fine-tuning. Give ``blocks`` or ``block_size`` (not both)."""
+    """OrthCR's orthogonal fine-tuning. Give ``blocks`` or ``block_size`` (not both; default 4 blocks)."""
 
     method: ClassVar[str] = "orthogonal"
     targets: tuple[str, ...] = FFN_TARGETS
-    blocks: int | None = 4
+    blocks: int | None = None
     block_size: int | None = None
     cayley: Literal["exact", "neumann"] = "exact"
     neumann_terms: int = 5
     max_norm: float | None = None
 
     def __post_init__(self) -> None:
-        if (self.blocks is None) == (self.block_size is None):
+        if self.blocks is not None and self.block_size is not None:
             raise ValueError("give exactly one of blocks or block_size for the orthogonal adapter")
+        if self.blocks is None and self.block_size is None:
+            self.blocks = 4
         if self.cayley not in ("exact", "neumann"):
             raise ValueError(f"unknown Cayley mode {self.cayley!r}: use 'exact' or 'neumann'")
 

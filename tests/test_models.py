@@ -1,0 +1,78 @@
+"""Model loading: names, config files, weights or a clear error — never silent random weights."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import orthserve
+from orthserve.models import WeightsUnavailableError
+
+
+def test_tiny_loads_with_transform_and_tokenizer(tiny):
+    model, preprocess, tokenizer = tiny
+    tokens = tokenizer(["a photo of a cat"])
+    assert tokens.shape == (1, 32)
+    assert model.encode_text(tokens).shape == (1, 64)
+    assert model.encode_image(torch.randn(1, 3, 64, 64)).shape == (1, 64)
+    assert not model.training
+
+
+def test_json_config_path(tmp_path):
+    config = json.loads(open(orthserve.models.CONFIG_DIR / "orthserve-tiny.json").read())
+    path = tmp_path / "my-clip.json"
+    path.write_text(json.dumps(config))
+    model, _, _ = orthserve.load_model(str(path), "none")
+    assert model.encode_image(torch.randn(1, 3, 64, 64)).shape == (1, 64)
+
+
+def test_unknown_model_is_named():
+    with pytest.raises(ValueError, match="unknown model 'no-such-clip'"):
+        orthserve.load_model("no-such-clip")
+
+
+def test_missing_checkpoint_file_names_model_and_file(tmp_path):
+    missing = tmp_path / "weights.safetensors"
+    with pytest.raises(WeightsUnavailableError, match="orthserve-tiny") as err:
+        orthserve.load_model("orthserve-tiny", str(missing))
+    assert str(missing) in str(err.value)
+
+
+def test_unavailable_tag_says_how_to_pass_a_file(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsUnavailableError) as err:
+        orthserve.load_model("RN50", "openai")  # no network here, nothing cached
+    message = str(err.value)
+    assert "RN50" in message and "'openai'" in message and "--pretrained /path/to/" in message
+
+
+def test_unknown_tag_lists_known_tags():
+    with pytest.raises(WeightsUnavailableError, match="Known tags"):
+        orthserve.load_model("orthserve-tiny", "laion2b_nonexistent")
+
+
+def test_local_checkpoint_roundtrip(tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    model, _, _ = tiny
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    loaded, _, _ = orthserve.load_model("orthserve-tiny", str(path))
+    images = torch.randn(2, 3, 64, 64)
+    assert torch.equal(loaded.encode_image(images), model.encode_image(images))
+
+
+def test_mini_uses_pretrained_minilm_text_tower():
+    model, _, tokenizer = orthserve.load_model("orthserve-mini", "none")
+    text = torch.nn.functional.normalize(model.encode_text(tokenizer(["a dog", "a puppy", "a spreadsheet"])), dim=-1)
+    similar, unrelated = float(text[0] @ text[1]), float(text[0] @ text[2])
+    assert similar > unrelated + 0.2  # real sentence embeddings, not random ones
+
+
+def test_mini_default_weights_missing_is_clear(monkeypatch, tmp_path):
+    from orthserve import mini
+
+    monkeypatch.setattr(mini, "WEIGHTS", tmp_path / "absent.safetensors")
+    with pytest.raises(WeightsUnavailableError, match="training.pretrain"):
+        orthserve.load_model("orthserve-mini", "default")
