@@ -1,0 +1,1 @@
+"""BentoML service for orthserve artifacts: `bentoml serve service.service:Classifier`."""

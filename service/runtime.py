@@ -1,0 +1,207 @@
+"""onnxruntime sessions for the service: provider choice, model variant, threads, warm-up.
+
+Environment (all optional):
+  ORTHSERVE_MODEL      artifact directory or BentoML model tag (default: artifacts/default, then orthserve:latest)
+  ORTHSERVE_PROVIDERS  comma list overriding the automatic choice: tensorrt, cuda, cpu (or full ORT names)
+  ORTHSERVE_VARIANT    auto (fp16 on GPU, else fp32) | fp32 | fp16 | int8
+  ORTHSERVE_INT8       1: use the int8 files when running on CPU (same as ORTHSERVE_VARIANT=int8 there)
+  ORTHSERVE_THREADS    intra-op threads per session (default: the CPUs this process may use)
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from orthserve.artifact import Artifact, load_artifact
+from orthserve.preprocess import PreprocessSpec
+
+log = logging.getLogger("orthserve.service")
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_ARTIFACT = REPO / "artifacts" / "default"
+DEFAULT_TAG = "orthserve:latest"
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
+           "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+
+def resolve_model(spec: str | None = None) -> Path:
+    """``ORTHSERVE_MODEL`` (a directory or a BentoML model tag) -> artifact directory."""
+    spec = spec if spec is not None else os.environ.get("ORTHSERVE_MODEL", "").strip()
+    if not spec:
+        if (DEFAULT_ARTIFACT / "manifest.json").is_file():
+            return DEFAULT_ARTIFACT
+        spec = DEFAULT_TAG
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    import bentoml
+
+    try:
+        return Path(bentoml.models.get(spec).path)
+    except Exception as err:  # bad tag syntax or not in the store
+        raise FileNotFoundError(
+            f"ORTHSERVE_MODEL={spec!r} is neither an artifact directory nor a BentoML model tag in the store ({err}); "
+            f"export one with `python -m export --out DIR` and set ORTHSERVE_MODEL=DIR") from err
+
+
+def open_artifact(spec: str | None = None) -> Artifact:
+    """Load and check (schema, sha256s) the artifact ``ORTHSERVE_MODEL`` names."""
+    return load_artifact(resolve_model(spec))
+
+
+def _tensorrt_loadable() -> bool:
+    for name in ("libnvinfer.so.10", "libnvinfer.so.8", "libnvinfer.so"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def _gpu_present() -> bool:
+    return Path("/dev/nvidia0").exists() or Path("/dev/nvidiactl").exists()
+
+
+def choose_providers(override: str | None = None) -> list[str]:
+    """Providers to ask for, best first; CPU always last. ``ORTHSERVE_PROVIDERS`` overrides."""
+    available = ort.get_available_providers()
+    override = override if override is not None else os.environ.get("ORTHSERVE_PROVIDERS", "")
+    if override.strip():
+        wanted = [ALIASES.get(p.strip().lower(), p.strip()) for p in override.split(",") if p.strip()]
+        missing = [p for p in wanted if p not in available]
+        if missing:
+            raise ValueError(f"ORTHSERVE_PROVIDERS asks for {missing}, not in this onnxruntime build ({available})")
+    else:
+        wanted = []
+        if _gpu_present():
+            wanted = [p for p in GPU_PROVIDERS if p in available
+                      and (p != "TensorrtExecutionProvider" or _tensorrt_loadable())]
+    if any(p in GPU_PROVIDERS for p in wanted) and hasattr(ort, "preload_dlls"):
+        try:  # CUDA / cuDNN from the nvidia-* wheels of onnxruntime-gpu[cuda,cudnn]; no-op if absent
+            ort.preload_dlls()
+        except Exception as err:  # noqa: BLE001 - a missing library only means system CUDA is used
+            log.warning("onnxruntime.preload_dlls failed: %s", err)
+    return list(dict.fromkeys([*wanted, "CPUExecutionProvider"]))
+
+
+def choose_variant(artifact: Artifact, component: str, on_gpu: bool) -> str:
+    """fp16 on GPU, int8 on CPU only when asked, else fp32 (falling back to fp32 if a file is absent)."""
+    wanted = os.environ.get("ORTHSERVE_VARIANT", "auto").strip().lower() or "auto"
+    if wanted == "auto":
+        int8 = os.environ.get("ORTHSERVE_INT8", "").strip().lower() in ("1", "true", "yes")
+        wanted = "fp16" if on_gpu else ("int8" if int8 else "fp32")
+    if wanted not in ("fp32", "fp16", "int8"):
+        raise ValueError(f"ORTHSERVE_VARIANT={wanted!r}: expected auto, fp32, fp16 or int8")
+    if wanted != "fp32" and wanted not in artifact.variants(component):
+        log.warning("artifact has no %s %s variant; using fp32", wanted, component)
+        return "fp32"
+    return wanted
+
+
+def default_threads() -> int:
+    if value := os.environ.get("ORTHSERVE_THREADS", "").strip():
+        return max(1, int(value))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class OnnxEncoder:
+    """One onnxruntime session: float32/int64 batch in, float32 ``[N, D]`` embeddings out."""
+
+    def __init__(self, artifact: Artifact, component: str, providers: Sequence[str] | None = None,
+                 threads: int | None = None) -> None:
+        providers = list(providers or choose_providers())
+        self.variant = choose_variant(artifact, component, on_gpu=providers[0] in GPU_PROVIDERS)
+        self.path = artifact.onnx_path(component, self.variant)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or default_threads()
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        self.providers = self.session.get_providers()  # what actually loaded (ORT falls back to CPU)
+        self.input = self.session.get_inputs()[0].name
+        self.lock = threading.Lock()  # one run at a time: the session already uses every thread it has
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        with self.lock:
+            (out,) = self.session.run(None, {self.input: batch})
+        return np.asarray(out, dtype=np.float32)
+
+
+class ImageModel:
+    """The image encoder of an artifact, warmed up."""
+
+    def __init__(self, artifact: Artifact | None = None) -> None:
+        self.artifact = artifact or open_artifact()
+        self.spec: PreprocessSpec = self.artifact.preprocess
+        self.encoder = OnnxEncoder(self.artifact, "image")
+        self.ready = False
+        self.encode(np.zeros((2, 3, self.spec.image_size, self.spec.image_size), np.float32))  # warm-up
+        self.ready = True
+        log.info("image encoder %s (%s) on %s", self.encoder.path.name, self.encoder.variant, self.encoder.providers)
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        return self.encoder(np.ascontiguousarray(pixels, dtype=np.float32))
+
+
+class TextModel:
+    """The text encoder, zero-shot class embeddings and their bounded LRU cache."""
+
+    def __init__(self, artifact: Artifact, cache_size: int = 256) -> None:
+        self.artifact = artifact
+        self.encoder = OnnxEncoder(artifact, "text", threads=1 if default_threads() <= 2 else 2)
+        self.templates = list(artifact.templates or ["{}"])
+        self.cache: OrderedDict[tuple[str, ...], np.ndarray] = OrderedDict()
+        self.cache_size, self.hits, self.misses = cache_size, 0, 0
+        self.lock = threading.Lock()
+        self.embed(["warm-up"])
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> normalized embeddings ``[N, D]`` (the encoder normalizes)."""
+        return self.encoder(self.artifact.tokenize(list(texts)))
+
+    def label_embeddings(self, labels: Sequence[str]) -> np.ndarray:
+        """Per label: mean of its normalized prompt embeddings, renormalized. Cached per label set."""
+        key = tuple(labels)
+        with self.lock:
+            if key in self.cache:
+                self.hits += 1
+                self.cache.move_to_end(key)
+                return self.cache[key]
+            self.misses += 1
+        prompts = [format_template(t, label) for label in labels for t in self.templates]
+        emb = self.embed(prompts).reshape(len(labels), len(self.templates), -1).mean(axis=1)
+        emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
+        with self.lock:
+            self.cache[key] = emb
+            while len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
+        return emb
+
+
+def format_template(template: str, label: str) -> str:
+    """open_clip-style template strings: ``"a photo of a {}."`` or ``"a photo of a {c}."``."""
+    return template.replace("{c}", label).replace("{}", label) if "{" in template else f"{template} {label}"
+
+
+def rank(image_emb: np.ndarray, class_emb: np.ndarray, logit_scale: float, names: Sequence[str],
+         top_k: int) -> list[list[dict]]:
+    """Softmax over all candidates for each image; the ``top_k`` best, sorted by score."""
+    logits = logit_scale * image_emb.astype(np.float64) @ class_emb.astype(np.float64).T
+    logits -= logits.max(axis=1, keepdims=True)
+    probs = np.exp(logits)
+    probs /= probs.sum(axis=1, keepdims=True)
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
+    return [[{"label": names[j], "score": float(p[j])} for j in idx] for p, idx in zip(probs, order)]

@@ -1,0 +1,96 @@
+"""BentoML service: `bentoml serve service.service:Classifier` (model from ORTHSERVE_MODEL, see runtime.py)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import anyio
+import bentoml
+import numpy as np
+
+from service.api import call_encoder, info_app, prepare_images
+from service.runtime import ImageModel, TextModel, open_artifact, rank
+from service.validation import Limits, RequestError, RequestGuard, check_texts, check_top_k, json_errors
+
+MAX_BATCH = int(os.environ.get("ORTHSERVE_MAX_BATCH_SIZE", "32"))
+MAX_LATENCY_MS = int(os.environ.get("ORTHSERVE_MAX_LATENCY_MS", "10000"))
+
+
+@bentoml.service(workers=1, traffic={"timeout": 60})
+class ImageEncoder:
+    """The image tower behind adaptive batching: concurrent requests share one onnxruntime call."""
+
+    def __init__(self) -> None:
+        self.model = ImageModel()
+
+    def __is_ready__(self) -> bool:
+        return self.model.ready
+
+    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH, max_latency_ms=MAX_LATENCY_MS)
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        return self.model.encode(pixels)
+
+
+@bentoml.asgi_app(info_app, path="/")
+@bentoml.service(workers=1, traffic={"timeout": 60, "max_concurrency": 256})
+class Classifier:
+    """Zero-shot (labels + templates) or fine-tuned classes, embeddings; bad input gets a 4xx."""
+
+    encoder = bentoml.depends(ImageEncoder)
+
+    def __init__(self) -> None:
+        self.limits = Limits.from_env()
+        self.text = TextModel(open_artifact(), int(os.environ.get("ORTHSERVE_LABEL_CACHE", "256")))
+        self.artifact = self.text.artifact
+        self.name, self.ready = str(self.artifact.manifest.get("model")), True
+
+    def __is_ready__(self) -> bool:
+        return self.ready
+
+    async def embed(self, images: list[Path]) -> np.ndarray:
+        pixels = await anyio.to_thread.run_sync(prepare_images, images, self.artifact.preprocess, self.limits)
+        return np.asarray(await call_encoder(self.encoder, pixels), dtype=np.float32)
+
+    async def candidates(self, labels: list[str] | None) -> tuple[list[str], np.ndarray]:
+        if labels is None:
+            if self.artifact.class_embeddings is None:
+                raise RequestError("this model has no classes of its own: pass 'labels'")
+            return list(self.artifact.classnames), self.artifact.class_embeddings
+        labels = check_texts(labels, self.limits)
+        return labels, await anyio.to_thread.run_sync(self.text.label_embeddings, labels)
+
+    @bentoml.api
+    @json_errors
+    async def classify(self, image: Path, labels: list[str] | None = None, top_k: int | None = None) -> dict:
+        """One image -> predictions over ``labels`` (zero-shot) or the model's classes."""
+        names, class_emb = await self.candidates(labels)
+        k = check_top_k(top_k, len(names))
+        emb = await self.embed([image])
+        return {"predictions": rank(emb, class_emb, self.artifact.logit_scale, names, k)[0], "model": self.name}
+
+    @bentoml.api
+    @json_errors
+    async def classify_batch(self, images: list[Path], labels: list[str] | None = None, top_k: int | None = None) -> dict:
+        """Several images, same options -> one result per image, in order."""
+        names, class_emb = await self.candidates(labels)
+        k = check_top_k(top_k, len(names))
+        ranked = rank(await self.embed(images), class_emb, self.artifact.logit_scale, names, k)
+        return {"results": [{"predictions": r} for r in ranked], "model": self.name}
+
+    @bentoml.api
+    @json_errors
+    async def embed_image(self, image: Path) -> dict:
+        """One image -> its L2-normalized float32 embedding."""
+        emb = (await self.embed([image]))[0]
+        return {"embedding": emb.tolist(), "dim": int(emb.shape[0]), "model": self.name}
+
+    @bentoml.api
+    @json_errors
+    async def embed_text(self, texts: list[str]) -> dict:
+        """JSON ``{"texts": [...]}`` -> L2-normalized float32 embeddings (no templates)."""
+        texts = check_texts(texts, self.limits, "texts", self.limits.max_texts)
+        emb = await anyio.to_thread.run_sync(self.text.embed, texts)
+        return {"embeddings": emb.tolist(), "dim": int(emb.shape[1]), "model": self.name}
+
+
+Classifier.add_asgi_middleware(RequestGuard)

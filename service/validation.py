@@ -1,0 +1,208 @@
+"""Request checks and limits: every bad input becomes a 4xx with a JSON ``{"error": ...}`` body.
+
+Environment (all optional): ORTHSERVE_MAX_BYTES (request body, default 10 MiB), ORTHSERVE_MAX_PIXELS
+(decoded image, default 40 M), ORTHSERVE_MAX_LABELS (256), ORTHSERVE_MAX_LABEL_CHARS (300),
+ORTHSERVE_MAX_IMAGES (images per /classify_batch, 32), ORTHSERVE_MAX_TEXTS (texts per /embed_text, 256).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Sequence
+
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from orthserve.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+
+DEFAULT_TOP_K = 5
+MULTIPART_ROUTES = {"/classify": "image", "/classify_batch": "images", "/embed_image": "image"}
+JSON_ROUTES = {"/embed_text"}
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value else default
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_labels: int = 256
+    max_label_chars: int = 300
+    max_images: int = 32
+    max_texts: int = 256
+
+    @classmethod
+    def from_env(cls) -> "Limits":
+        d = cls()
+        return cls(_env_int("ORTHSERVE_MAX_BYTES", d.max_bytes), _env_int("ORTHSERVE_MAX_PIXELS", d.max_pixels),
+                   _env_int("ORTHSERVE_MAX_LABELS", d.max_labels), _env_int("ORTHSERVE_MAX_LABEL_CHARS", d.max_label_chars),
+                   _env_int("ORTHSERVE_MAX_IMAGES", d.max_images), _env_int("ORTHSERVE_MAX_TEXTS", d.max_texts))
+
+
+class RequestError(ValueError):
+    """A client error: HTTP ``status`` with a readable ``message``."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message, self.status = message, status
+
+
+def error_response(message: str, status: int) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def json_errors(func: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Decorate an API method: :class:`RequestError` and undecodable images -> 4xx JSON responses."""
+
+    @functools.wraps(func)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await func(*args, **kwargs)
+        except RequestError as err:
+            return error_response(err.message, err.status)
+        except ImageDecodeError as err:
+            return error_response(str(err), 400)
+
+    return wrapper
+
+
+def check_texts(texts: Sequence[str] | None, limits: Limits, what: str = "labels", maximum: int | None = None) -> list[str]:
+    """Non-empty list of distinct, non-blank strings of bounded length and count; whitespace stripped."""
+    maximum = maximum or limits.max_labels
+    if texts is None or len(texts) == 0:
+        raise RequestError(f"{what} is an empty list: give at least one")
+    if len(texts) > maximum:
+        raise RequestError(f"too many {what}: {len(texts)}, the limit is {maximum}")
+    cleaned = [t.strip() if isinstance(t, str) else t for t in texts]
+    for i, text in enumerate(cleaned):
+        if not isinstance(text, str) or not text:
+            raise RequestError(f"{what}[{i}] is empty: every entry must be a non-blank string")
+        if len(text) > limits.max_label_chars:
+            raise RequestError(f"{what}[{i}] is {len(text)} characters long, the limit is {limits.max_label_chars}")
+    if what == "labels" and len(set(cleaned)) != len(cleaned):
+        dupes = sorted({t for t in cleaned if cleaned.count(t) > 1})
+        raise RequestError(f"duplicate labels: {dupes}; each label must appear once")
+    return cleaned
+
+
+def check_top_k(top_k: int | None, n_classes: int) -> int:
+    """``None`` -> min(5, n); 0, negative or above the number of candidates -> 400."""
+    if top_k is None:
+        return min(DEFAULT_TOP_K, n_classes)
+    if top_k < 1:
+        raise RequestError(f"top_k must be at least 1, got {top_k}")
+    if top_k > n_classes:
+        raise RequestError(f"top_k={top_k} is above the number of candidate labels ({n_classes})")
+    return top_k
+
+
+def read_image(path: Path, limits: Limits, index: int | None = None):
+    """An uploaded file -> RGB Pillow image, or a 400 naming which upload is bad."""
+    where = "image" if index is None else f"images[{index}]"
+    try:
+        return decode_image(Path(path).read_bytes(), limits.max_pixels)
+    except ImageDecodeError as err:
+        raise RequestError(f"{where}: {err}") from err
+
+
+def check_form_options(form) -> JSONResponse | None:
+    """``labels``: one form field holding a JSON list of strings; ``top_k``: an integer."""
+    labels = form.getlist("labels")
+    if len(labels) > 1:
+        return error_response('send labels as one form field holding a JSON list, e.g. labels=["cat", "dog"]', 400)
+    if labels:
+        try:
+            value = json.loads(labels[0]) if isinstance(labels[0], str) else None
+        except ValueError:
+            value = None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            return error_response('labels must be a JSON list of strings, e.g. labels=["cat", "dog"]', 400)
+    top_k = form.get("top_k")
+    if top_k is not None:
+        try:
+            int(top_k) if isinstance(top_k, str) else int("x")
+        except ValueError:
+            return error_response(f"top_k must be an integer, got {str(top_k)[:50]!r}", 400)
+    return None
+
+
+class RequestGuard:
+    """ASGI middleware in front of the API routes: byte limit (413), content type (415), and multipart
+    forms whose image fields are real file uploads (BentoML would otherwise treat a text field as a URL
+    to download).  The body is buffered (at most ``max_bytes``) and replayed to the app."""
+
+    def __init__(self, app: Callable, max_bytes: int | None = None) -> None:
+        self.app = app
+        self.max_bytes = max_bytes or Limits.from_env().max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or scope["method"] != "POST" or (path not in MULTIPART_ROUTES and path not in JSON_ROUTES):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        too_big = error_response(f"request body above the limit of {self.max_bytes} bytes", 413)
+        try:
+            if int(headers.get("content-length", "0")) > self.max_bytes:
+                return await too_big(scope, receive, send)
+        except ValueError:
+            return await error_response("bad Content-Length header", 400)(scope, receive, send)
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                return await too_big(scope, receive, send)
+        if problem := await self.check(scope, path, headers.get("content-type", ""), bytes(body)):
+            return await problem(scope, receive, send)
+        sent = False
+
+        async def replay() -> dict:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def check(scope: dict, path: str, content_type: str, body: bytes) -> JSONResponse | None:
+        media = content_type.split(";")[0].strip().lower()
+        if path in JSON_ROUTES:
+            if media != "application/json":
+                return error_response(f"{path} takes application/json, got {media or 'no content type'}", 415)
+            try:
+                json.loads(body or b"null")
+            except ValueError as err:
+                return error_response(f"request body is not valid JSON: {err}", 400)
+            return None
+        if media != "multipart/form-data":
+            return error_response(f"{path} takes multipart/form-data with the image as a file field "
+                                  f"'{MULTIPART_ROUTES[path]}', got {media or 'no content type'}", 415)
+
+        async def once() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        field = MULTIPART_ROUTES[path]
+        try:
+            async with Request(scope, once).form() as form:
+                values = form.getlist(field)
+                if not values:
+                    return error_response(f"missing file field '{field}'", 400)
+                if not all(isinstance(v, UploadFile) for v in values):
+                    return error_response(f"'{field}' must be a file upload, not a text field", 400)
+                return check_form_options(form)
+        except Exception as err:  # malformed multipart, too many parts, part too large
+            detail = getattr(err, "detail", None) or getattr(err, "message", None) or str(err)
+            return error_response(f"malformed multipart form: {detail}", 400)
+        return None

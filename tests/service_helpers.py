@@ -1,0 +1,68 @@
+"""Shared by the service tests: one exported orthserve-tiny artifact per test session, test images."""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+PHOTOS = REPO.parent / "shared" / "data" / "hymenoptera-val"
+CLASSES = ["ants", "bees"]
+TEMPLATES = ["a photo of {}.", "a close-up photo of {}."]
+
+
+def export_tiny(base: Path) -> Path:
+    """Export orthserve-tiny (random weights, classes ants/bees) with the export CLI, once per session."""
+    out = base / "orthserve-tiny-artifact"
+    if (out / "manifest.json").is_file():
+        return out
+    cmd = [sys.executable, "-m", "export", "--model", "orthserve-tiny", "--pretrained", "none",
+           "--labels", ",".join(CLASSES), "--out", str(out)]
+    for template in TEMPLATES:
+        cmd += ["--template", template]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"export failed:\n{done.stdout}\n{done.stderr}"
+    return out
+
+
+def photos(n: int = 4) -> list[Path]:
+    """A few real photos, both classes."""
+    ants, bees = sorted((PHOTOS / "ants").glob("*.jpg")), sorted((PHOTOS / "bees").glob("*.jpg"))
+    return [p for pair in zip(ants, bees) for p in pair][:n]
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def odd_images(photo: Path) -> dict[str, bytes]:
+    """The awkward-but-valid images the service must handle: every mode and container quirk."""
+    rgb = Image.open(photo).convert("RGB").resize((96, 80))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    frames = [rgb.convert("P"), rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT).convert("P")]
+    gray16 = (np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)
+    return {
+        "grayscale": encode(rgb.convert("L"), "PNG"),
+        "rgba": encode(rgb.convert("RGBA"), "PNG"),
+        "cmyk": encode(rgb.convert("CMYK"), "JPEG"),
+        "16bit": encode(Image.fromarray(gray16), "PNG"),
+        "palette": encode(rgb.convert("P"), "PNG"),
+        "exif_rotated": encode(rgb, "JPEG", exif=exif),
+        "animated": encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0),
+        "webp": encode(rgb, "WEBP"),
+        "tiny_1x1": encode(rgb.resize((1, 1)), "PNG"),
+    }
+
+
+def bomb() -> bytes:
+    """A small PNG that decodes to 64 megapixels (1-bit, compresses to a few KB)."""
+    return encode(Image.new("1", (8000, 8000)), "PNG", optimize=True)

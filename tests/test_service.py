@@ -1,0 +1,283 @@
+"""In-process tests of the service: every endpoint through the ASGI app, and every bad input -> 4xx JSON."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service_helpers import CLASSES, PHOTOS, bomb, encode, export_tiny, odd_images, photos
+
+pytestmark = pytest.mark.skipif(not PHOTOS.is_dir(), reason=f"real photos not found at {PHOTOS}")
+
+LIMITS = {"ORTHSERVE_MAX_BYTES": str(2 * 1024 * 1024), "ORTHSERVE_MAX_LABELS": "10",
+          "ORTHSERVE_MAX_IMAGES": "4", "ORTHSERVE_MAX_TEXTS": "8"}
+
+
+@pytest.fixture(scope="module")
+def artifact_dir(tmp_path_factory):
+    return export_tiny(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def client(artifact_dir):
+    from starlette.testclient import TestClient
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ORTHSERVE_MODEL", str(artifact_dir))
+        mp.setenv("ORTHSERVE_LABEL_CACHE", "4")
+        for key, value in LIMITS.items():
+            mp.setenv(key, value)
+        from service.service import Classifier
+
+        with TestClient(Classifier.to_asgi(), raise_server_exceptions=False) as c:
+            yield c
+
+
+@pytest.fixture(scope="module")
+def photo_bytes() -> bytes:
+    return photos(1)[0].read_bytes()
+
+
+def post_image(client, data: bytes, path: str = "/classify", **form):
+    fields = {k: (json.dumps(v) if not isinstance(v, str) else v) for k, v in form.items()}
+    return client.post(path, files={"image": ("upload.bin", data, "application/octet-stream")}, data=fields)
+
+
+def assert_client_error(response, status: int, needle: str = "") -> None:
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    message = json.dumps(body)
+    assert "error" in message, body
+    assert needle.lower() in message.lower(), (needle, body)
+
+
+def test_classify_own_classes(client, photo_bytes):
+    r = post_image(client, photo_bytes)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "orthserve-tiny"
+    preds = body["predictions"]
+    assert sorted(p["label"] for p in preds) == sorted(CLASSES)
+    scores = [p["score"] for p in preds]
+    assert scores == sorted(scores, reverse=True) and abs(sum(scores) - 1) < 1e-6
+
+
+def test_classify_zero_shot_labels_top_k_and_cache(client, photo_bytes):
+    labels = ["ant", "bee", "dog", "cat"]
+    before = client.get("/model").json()["label_cache"]
+    r = post_image(client, photo_bytes, labels=labels, top_k=2)
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert len(preds) == 2 and {p["label"] for p in preds} <= set(labels)
+    assert preds[0]["score"] >= preds[1]["score"]
+    again = post_image(client, photo_bytes, labels=labels, top_k=2)
+    assert again.json() == r.json()
+    after = client.get("/model").json()["label_cache"]
+    assert after["misses"] == before["misses"] + 1 and after["hits"] == before["hits"] + 1
+    # default top_k with fewer labels than 5: all of them, softmax over exactly these labels
+    few = post_image(client, photo_bytes, labels=["ant", "bee"]).json()["predictions"]
+    assert len(few) == 2 and abs(sum(p["score"] for p in few) - 1) < 1e-6
+
+
+def test_label_cache_is_bounded(client, photo_bytes):
+    for i in range(7):
+        assert post_image(client, photo_bytes, labels=[f"thing {i}", "other"]).status_code == 200
+    cache = client.get("/model").json()["label_cache"]
+    assert cache["size"] <= cache["max"] == 4
+
+
+def test_classify_batch_matches_single(client):
+    files = [p.read_bytes() for p in photos(3)]
+    r = client.post("/classify_batch", files=[("images", (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(files)],
+                    data={"top_k": "1"})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert len(results) == 3 and all(len(res["predictions"]) == 1 for res in results)
+    for data, res in zip(files, results):
+        single = post_image(client, data, top_k=1).json()["predictions"][0]
+        assert single["label"] == res["predictions"][0]["label"]
+        assert single["score"] == pytest.approx(res["predictions"][0]["score"], abs=1e-5)
+
+
+def test_embed_image_and_text(client, photo_bytes):
+    r = post_image(client, photo_bytes, path="/embed_image")
+    assert r.status_code == 200, r.text
+    emb = np.asarray(r.json()["embedding"], dtype=np.float32)
+    assert emb.shape == (r.json()["dim"],) and abs(np.linalg.norm(emb) - 1) < 1e-4
+    t = client.post("/embed_text", json={"texts": ["a photo of ants.", "bees"]})
+    assert t.status_code == 200, t.text
+    texts = np.asarray(t.json()["embeddings"], dtype=np.float32)
+    assert texts.shape == (2, emb.shape[0]) and np.allclose(np.linalg.norm(texts, axis=1), 1, atol=1e-4)
+
+
+def test_model_health_and_metrics(client):
+    info = client.get("/model").json()
+    assert info["classes"] == CLASSES and info["method"] == "zeroshot" and info["model"] == "orthserve-tiny"
+    assert "version" in info and info["embed_dim"] == 64
+    assert client.get("/livez").status_code == 200
+    assert client.get("/readyz").status_code == 200
+
+
+@pytest.mark.parametrize("kind", ["grayscale", "rgba", "cmyk", "16bit", "palette", "exif_rotated", "animated",
+                                  "webp", "tiny_1x1"])
+def test_odd_but_valid_images_are_handled(client, kind):
+    data = odd_images(photos(1)[0])[kind]
+    r = post_image(client, data)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["predictions"]) == 2
+
+
+def test_exif_rotation_is_applied(client):
+    data = odd_images(photos(1)[0])["exif_rotated"]
+    upright = Image.open(io.BytesIO(data)).convert("RGB").transpose(Image.Transpose.ROTATE_270)
+    unrotated = Image.open(io.BytesIO(data)).convert("RGB")
+    got = post_image(client, data, path="/embed_image").json()["embedding"]
+    want = post_image(client, encode(upright, "PNG"), path="/embed_image").json()["embedding"]
+    wrong = post_image(client, encode(unrotated, "PNG"), path="/embed_image").json()["embedding"]
+    assert np.allclose(got, want, atol=1e-5) and not np.allclose(got, wrong, atol=1e-3)
+
+
+BAD_IMAGES = {
+    "not_an_image": (b"hello, this is text, not a picture" * 10, "not a readable image"),
+    "zero_bytes": (b"", "empty"),
+    "bomb": (None, "limit"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_IMAGES))
+@pytest.mark.parametrize("path", ["/classify", "/embed_image"])
+def test_bad_images(client, case, path):
+    data, needle = BAD_IMAGES[case]
+    assert_client_error(post_image(client, bomb() if data is None else data, path=path), 400, needle)
+
+
+def test_truncated_image(client, photo_bytes):
+    assert_client_error(post_image(client, photo_bytes[: len(photo_bytes) // 2]), 400, "image")
+
+
+@pytest.mark.parametrize("labels,needle", [
+    ([], "empty list"),
+    (["cat", "cat"], "duplicate"),
+    ([f"label {i}" for i in range(11)], "too many"),
+    (["cat", ""], "empty"),
+    (["cat", "   "], "empty"),
+    (["cat", "x" * 301], "characters long"),
+    ("cat", "JSON list"),
+    ({"a": 1}, "JSON list"),
+    ([1, 2], "JSON list"),
+])
+def test_bad_labels(client, photo_bytes, labels, needle):
+    assert_client_error(post_image(client, photo_bytes, labels=labels), 400, needle)
+
+
+@pytest.mark.parametrize("top_k,needle", [(0, "at least 1"), (-3, "at least 1"), (3, "above the number"),
+                                          ("many", "integer"), (2.5, "integer")])
+def test_bad_top_k(client, photo_bytes, top_k, needle):
+    assert_client_error(post_image(client, photo_bytes, top_k=top_k), 400, needle)
+
+
+def test_top_k_above_custom_labels(client, photo_bytes):
+    assert_client_error(post_image(client, photo_bytes, labels=["a", "b", "c"], top_k=4), 400, "above the number")
+
+
+def test_oversized_upload_is_413(client):
+    big = os.urandom(3 * 1024 * 1024)
+    assert_client_error(post_image(client, big), 413, "limit")
+
+    def chunks():  # no Content-Length: chunked transfer, counted while streaming
+        for _ in range(3):
+            yield os.urandom(1024 * 1024)
+
+    r = client.post("/classify", content=chunks(), headers={"content-type": "multipart/form-data; boundary=xyz"})
+    assert_client_error(r, 413, "limit")
+
+
+def test_missing_fields_and_wrong_content_types(client, photo_bytes):
+    assert_client_error(client.post("/classify", files={"picture": ("a.jpg", photo_bytes, "image/jpeg")}), 400, "missing")
+    assert_client_error(client.post("/classify", data={"image": "http://127.0.0.1:1/x.jpg"},
+                                    files={"other": ("a", b"x")}), 400, "file upload")
+    assert_client_error(client.post("/classify", json={"image": "/etc/passwd"}), 415, "multipart")
+    assert_client_error(client.post("/classify", content=photo_bytes, headers={"content-type": "image/jpeg"}), 415)
+    assert_client_error(client.post("/classify", content=b"--x\r\ngarbage",
+                                    headers={"content-type": "multipart/form-data; boundary=x"}), 400)
+    assert_client_error(client.post("/embed_text", data={"texts": "a"}), 415, "application/json")
+    assert_client_error(client.post("/embed_text", content=b"{not json", headers={"content-type": "application/json"}),
+                        400, "not valid JSON")
+    assert_client_error(client.post("/embed_text", json={}), 400, "texts")
+    assert_client_error(client.post("/embed_text", json={"texts": "just a string"}), 400, "texts")
+    assert_client_error(client.post("/embed_text", json={"texts": [1, None]}), 400, "texts")
+    assert_client_error(client.post("/embed_text", json={"texts": []}), 400, "empty")
+    assert_client_error(client.post("/embed_text", json={"texts": ["t"] * 9}), 400, "too many")
+    assert_client_error(client.post("/embed_text", json={"texts": ["x" * 1000]}), 400, "characters long")
+    assert client.get("/classify").status_code == 405
+
+
+def test_classify_batch_bad_inputs(client, photo_bytes):
+    many = [("images", (f"{i}.jpg", photo_bytes, "image/jpeg")) for i in range(5)]
+    assert_client_error(client.post("/classify_batch", files=many), 400, "too many images")
+    mixed = [("images", ("a.jpg", photo_bytes, "image/jpeg")), ("images", ("b.jpg", b"nope", "image/jpeg"))]
+    assert_client_error(client.post("/classify_batch", files=mixed), 400, "images[1]")
+    assert_client_error(client.post("/classify_batch", files={"image": ("a.jpg", photo_bytes, "image/jpeg")}),
+                        400, "missing")
+
+
+def test_still_healthy_after_bad_input(client, photo_bytes):
+    for data in (b"", b"junk", bomb()):
+        post_image(client, data)
+    assert client.get("/readyz").status_code == 200
+    assert post_image(client, photo_bytes).status_code == 200
+
+
+def test_direct_method_calls_without_server(artifact_dir, tmp_path, monkeypatch):
+    """The class methods work when called directly (no HTTP): errors come back as 4xx responses."""
+    monkeypatch.setenv("ORTHSERVE_MODEL", str(artifact_dir))
+    from service.service import Classifier
+
+    svc = Classifier()
+    image = tmp_path / "photo.jpg"
+    image.write_bytes(photos(1)[0].read_bytes())
+    out = asyncio.run(svc.classify(image, labels=None, top_k=None))
+    assert [p["label"] for p in out["predictions"]] and out["model"] == "orthserve-tiny"
+    bad = asyncio.run(svc.classify(image, labels=["a", "a"], top_k=None))
+    assert bad.status_code == 400
+    svc.artifact = dataclasses.replace(svc.artifact, class_embeddings=None)  # a model without classes
+    none = asyncio.run(svc.classify(image, labels=None, top_k=None))
+    assert none.status_code == 400 and b"pass 'labels'" in none.body
+
+
+def test_provider_and_variant_choice(artifact_dir, monkeypatch):
+    from orthserve.artifact import load_artifact
+    from service.runtime import OnnxEncoder, choose_providers, choose_variant
+
+    monkeypatch.delenv("ORTHSERVE_PROVIDERS", raising=False)
+    assert choose_providers()[-1] == "CPUExecutionProvider"  # no GPU here: CPU only; with one, TRT/CUDA first
+    assert choose_providers("cpu") == ["CPUExecutionProvider"]
+    with pytest.raises(ValueError, match="ORTHSERVE_PROVIDERS"):
+        choose_providers("NoSuchExecutionProvider")
+    art = load_artifact(artifact_dir)
+    monkeypatch.setenv("ORTHSERVE_INT8", "1")  # asked for int8, artifact has none: fp32 with a warning
+    assert choose_variant(art, "image", on_gpu=False) == ("int8" if "int8" in art.variants("image") else "fp32")
+    monkeypatch.setenv("ORTHSERVE_VARIANT", "bogus")
+    with pytest.raises(ValueError, match="ORTHSERVE_VARIANT"):
+        choose_variant(art, "image", on_gpu=False)
+    monkeypatch.setenv("ORTHSERVE_VARIANT", "auto")
+    monkeypatch.setenv("ORTHSERVE_THREADS", "1")
+    encoder = OnnxEncoder(art, "image", providers=["CPUExecutionProvider"])
+    assert encoder.providers == ["CPUExecutionProvider"] and encoder.variant in ("fp32", "int8")
+
+
+def test_bad_model_location_is_a_clear_error(tmp_path):
+    from service.runtime import open_artifact
+
+    with pytest.raises((FileNotFoundError, ValueError), match="ORTHSERVE_MODEL|artifact"):
+        open_artifact(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="manifest"):
+        open_artifact(str(tmp_path / "empty"))

@@ -1,0 +1,166 @@
+"""Integration: `bentoml serve` as a subprocess on a loopback port, real multipart requests with real photos,
+results equal to direct onnxruntime inference on the artifact's image.onnx / text.onnx."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from orthserve.artifact import load_artifact
+from orthserve.preprocess import decode_image, preprocess
+from service_helpers import PHOTOS, REPO, export_tiny, photos
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not PHOTOS.is_dir(), reason=f"no photos at {PHOTOS}")]
+MAX_BYTES = 2 * 1024 * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def artifact_dir(tmp_path_factory) -> Path:
+    return export_tiny(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def server(artifact_dir, tmp_path_factory):
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")
+    env = {**os.environ, "ORTHSERVE_MODEL": str(artifact_dir), "ORTHSERVE_MAX_BYTES": str(MAX_BYTES),
+           "HF_HUB_OFFLINE": "1", "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml_home"))}
+    bentoml = Path(sys.executable).with_name("bentoml")
+    proc = subprocess.Popen([str(bentoml), "serve", "service.service:Classifier", "--host", "127.0.0.1",
+                             "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, f"server exited:\n{open(log.name).read()[-3000:]}"
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"not ready in 180 s:\n{open(log.name).read()[-3000:]}"
+            time.sleep(0.5)
+        with httpx.Client(base_url=url, timeout=60) as client:
+            yield client
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    assert proc.returncode is not None
+
+
+@pytest.fixture(scope="module")
+def direct(artifact_dir):
+    """Reference inference: onnxruntime on the artifact, orthserve.preprocess, no service code."""
+    art = load_artifact(artifact_dir)
+    image = ort.InferenceSession(str(art.onnx_path("image")), providers=["CPUExecutionProvider"])
+    text = ort.InferenceSession(str(art.onnx_path("text")), providers=["CPUExecutionProvider"])
+
+    def embed_images(datas: list[bytes]) -> np.ndarray:
+        pixels = np.stack([preprocess(decode_image(d), art.preprocess) for d in datas])
+        return image.run(None, {"pixels": pixels})[0]
+
+    def embed_texts(texts: list[str]) -> np.ndarray:
+        return text.run(None, {"tokens": art.tokenize(texts)})[0]
+
+    def zero_shot(labels: list[str]) -> np.ndarray:
+        emb = embed_texts([t.replace("{}", l) for l in labels for t in art.templates])
+        emb = emb.reshape(len(labels), len(art.templates), -1).mean(axis=1)
+        return emb / np.linalg.norm(emb, axis=1, keepdims=True)
+
+    def probs(img_emb: np.ndarray, class_emb: np.ndarray) -> np.ndarray:
+        logits = art.logit_scale * img_emb.astype(np.float64) @ class_emb.astype(np.float64).T
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    return art, embed_images, embed_texts, zero_shot, probs
+
+
+def classify(client: httpx.Client, data: bytes, **form) -> httpx.Response:
+    return client.post("/classify", files={"image": ("photo.jpg", data, "image/jpeg")},
+                       data={k: json.dumps(v) for k, v in form.items()})
+
+
+def check_predictions(preds: list[dict], names: list[str], p: np.ndarray) -> None:
+    order = np.argsort(-p, kind="stable")
+    assert [d["label"] for d in preds] == [names[i] for i in order[: len(preds)]]
+    assert np.allclose([d["score"] for d in preds], p[order[: len(preds)]], atol=1e-5)
+
+
+def test_classify_equals_direct_onnxruntime(server, direct):
+    art, embed_images, _, zero_shot, probs = direct
+    datas = [p.read_bytes() for p in photos(6)]
+    p_own = probs(embed_images(datas), art.class_embeddings)
+    labels = ["ant", "bee", "flower", "insect on a leaf"]
+    p_zero = probs(embed_images(datas), zero_shot(labels))
+    for i, data in enumerate(datas):
+        r = classify(server, data)
+        assert r.status_code == 200, r.text
+        check_predictions(r.json()["predictions"], art.classnames, p_own[i])
+        z = classify(server, data, labels=labels, top_k=3)
+        assert z.status_code == 200, z.text
+        check_predictions(z.json()["predictions"], labels, p_zero[i])
+
+
+def test_batch_and_embeddings_equal_direct(server, direct):
+    art, embed_images, embed_texts, _, probs = direct
+    datas = [p.read_bytes() for p in photos(3)]
+    r = server.post("/classify_batch", files=[("images", (f"{i}.jpg", d, "image/jpeg")) for i, d in enumerate(datas)])
+    assert r.status_code == 200, r.text
+    p = probs(embed_images(datas), art.class_embeddings)
+    for res, row in zip(r.json()["results"], p):
+        check_predictions(res["predictions"], art.classnames, row)
+    e = server.post("/embed_image", files={"image": ("a.jpg", datas[0], "image/jpeg")})
+    assert np.allclose(e.json()["embedding"], embed_images(datas[:1])[0], atol=1e-5)
+    t = server.post("/embed_text", json={"texts": ["ants", "a bee on a flower"]})
+    assert np.allclose(t.json()["embeddings"], embed_texts(["ants", "a bee on a flower"]), atol=1e-5)
+
+
+def test_concurrent_requests_share_batches(server, direct):
+    art, embed_images, _, _, probs = direct
+    datas = [p.read_bytes() for p in photos(8)]
+    p = probs(embed_images(datas), art.class_embeddings)
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda i: classify(server, datas[i % len(datas)]), range(48)))
+    for i, r in enumerate(responses):
+        assert r.status_code == 200, r.text
+        check_predictions(r.json()["predictions"], art.classnames, p[i % len(datas)])
+    metrics = server.get("/metrics").text
+    count = sum(float(v) for v in re.findall(r'adaptive_batch_size_count\{[^}]*method_name="encode"[^}]*\} (\S+)', metrics))
+    total = sum(float(v) for v in re.findall(r'adaptive_batch_size_sum\{[^}]*method_name="encode"[^}]*\} (\S+)', metrics))
+    assert count > 0 and total >= 48
+    assert total / count > 1.0, f"mean batch size {total / count:.2f}: concurrent requests were not batched"
+
+
+def test_bad_input_over_http_and_still_ready(server):
+    r = classify(server, b"definitely not an image")
+    assert r.status_code == 400 and "error" in r.json()
+    assert server.post("/classify", json={"image": "x"}).status_code == 415
+    big = server.post("/classify", files={"image": ("big.jpg", os.urandom(MAX_BYTES + 1024), "image/jpeg")})
+    assert big.status_code == 413 and "limit" in big.json()["error"]
+    assert server.get("/readyz").status_code == 200 and server.get("/livez").status_code == 200
+    info = server.get("/model").json()
+    assert info["model"] == "orthserve-tiny" and info["classes"] == ["ants", "bees"]
