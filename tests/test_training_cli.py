@@ -1,0 +1,143 @@
+"""End to end: `python -m training.finetune` / `training.evaluate` on orthserve-tiny and flowers5."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from orthserve.runs import RunInfo, load_run
+from training import evaluate, finetune
+from training.data import DataError
+from test_training_data import make_folder  # tests/ is on sys.path (rootdir conftest)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def quick(data: Path, out: Path, *extra: str) -> list[str]:
+    """A few-step run: 2 shots x 5 classes, one batch of 10 per epoch, tiny held-out sets."""
+    return ["--model", "orthserve-tiny", "--pretrained", "none", "--data", str(data), "--out", str(out),
+            "--shots", "2", "--epochs", "1", "--batch-size", "10", "--workers", "0", "--val-shots", "1",
+            "--test-per-class", "4", "--eval-batch-size", "32", "--progress", "off", *extra]
+
+
+@pytest.mark.parametrize("method", finetune.METHODS)
+def test_every_method_trains_one_epoch_and_rebuilds(data_dir, tmp_path, method):
+    out = tmp_path / "run"
+    metrics = finetune.main(quick(data_dir / "flowers5", out, "--method", method))
+    for name in ("adapter.safetensors", "run.json", "metrics.json", "confusion.png"):
+        assert (out / name).is_file(), name
+    if method != "zeroshot":
+        assert (out / "curves.png").is_file() and (out / "log.csv").is_file() and (out / "checkpoint.pt").is_file()
+        assert len(metrics["epochs"]) == 1 and metrics["epochs"][0]["train_loss"] > 0
+        assert "val_acc" in metrics["epochs"][0]
+    assert json.loads((out / "metrics.json").read_text())["test"]["top1"] == metrics["test"]["top1"]
+    info = RunInfo.read(out)
+    assert info.method == method and info.classnames == ["daisy", "dandelion", "rose", "sunflower", "tulip"]
+    assert {"torch", "open_clip"} <= info.extra["versions"].keys() and "git_commit" in info.extra
+    tensors = load_file(str(out / "adapter.safetensors"))
+    if method in ("lora", "aoft", "orthcr", "orthcr+taskres", "taskres"):
+        assert tensors and all(k.startswith(("model.", "taskres.")) for k in tensors)
+    # the run rebuilds from RUN_DIR alone and scores the same held-out images identically
+    result = evaluate.main(["--run", str(out), "--data", str(data_dir / "flowers5"), "--per-class", "3",
+                            "--workers", "0", "--out", str(tmp_path / "eval.json")])
+    assert json.loads((tmp_path / "eval.json").read_text())["top1"] == result["top1"]
+    classifier, _ = load_run(out)
+    assert classifier.classnames == info.classnames
+
+
+def test_resumed_run_ends_with_the_same_metrics(data_dir, tmp_path):
+    args = ["--method", "orthcr+taskres", "--epochs", "3", "--shots", "3", "--batch-size", "8",
+            "--cutout", "attentive"]
+    whole = finetune.main(quick(data_dir / "flowers5", tmp_path / "whole", *args))
+    parted = tmp_path / "parted"
+    stopped = finetune.main(quick(data_dir / "flowers5", parted, *args, "--stop-after-epochs", "1"))
+    assert stopped["stopped_at_epoch"] == 1 and not (parted / "metrics.json").exists()
+    resumed = finetune.main(quick(data_dir / "flowers5", parted, *args, "--resume"))
+    assert resumed["epochs"] == whole["epochs"] and resumed["test"] == whole["test"]
+    a, b = load_file(str(tmp_path / "whole" / "adapter.safetensors")), load_file(str(parted / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_base_to_new_reports_harmonic_mean(data_dir, tmp_path):
+    metrics = finetune.main(quick(data_dir / "flowers5", tmp_path / "run", "--method", "lora", "--subsample", "base"))
+    assert RunInfo.read(tmp_path / "run").classnames == ["daisy", "dandelion", "rose"]
+    base, new = metrics["base_top1"], metrics["new_top1"]
+    assert metrics["new"]["images"] == 8  # 4 per new class
+    assert metrics["harmonic_mean"] == pytest.approx(0 if base + new == 0 else 2 * base * new / (base + new))
+    result = evaluate.main(["--run", str(tmp_path / "run"), "--data", str(data_dir / "flowers5"),
+                            "--subsample", "new", "--per-class", "4", "--seed", "3", "--workers", "0"])
+    assert result["classes"] == ["sunflower", "tulip"] and result["images"] == 8
+    assert (tmp_path / "run" / "eval-flowers5-new.json").is_file()
+
+
+def test_zero_shot_evaluation_needs_no_run(data_dir, tmp_path):
+    result = evaluate.main(["--model", "orthserve-tiny", "--data", str(data_dir / "hymenoptera-val"),
+                            "--per-class", "3", "--workers", "0", "--out", str(tmp_path / "zs.json")])
+    assert result["method"] == "zeroshot" and result["images"] == 6 and result["classes"] == ["ants", "bees"]
+
+
+def test_yaml_config_with_flags_on_top(data_dir, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("method: lora\nrank: 3\nlambda1: 0.25\ntemplate: 'a photo of a {}, a flower.'\nepochs: 5\n")
+    args = finetune.parse_args(quick(data_dir / "flowers5", tmp_path / "run", "--config", str(config)))
+    assert (args.method, args.rank, args.lambda1, args.epochs) == ("lora", 3, 0.25, 1)  # --epochs 1 wins
+    assert args.templates == ["a photo of a {}, a flower."] and args.objective == "ce" and args.lr == 2e-4
+    (tmp_path / "bad.yaml").write_text("methd: lora\n")
+    with pytest.raises(SystemExit):
+        finetune.parse_args(quick(data_dir / "flowers5", tmp_path / "run", "--config", str(tmp_path / "bad.yaml")))
+
+
+def test_help_documents_the_options():
+    text = subprocess.run([sys.executable, "-m", "training.finetune", "--help"], cwd=REPO, capture_output=True,
+                          text=True, check=True).stdout
+    for option in ("--shots", "--subsample", "--method", "--lambda1", "--cutout", "attentive", "--resume",
+                   "--precision", "--iters", "--warmup-steps", "--block-size", "--rank", "--val-data", "--config"):
+        assert option in text, option
+
+
+def test_bad_input_gets_clear_errors(data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        finetune.main(quick(data_dir / "flowers5", tmp_path / "r", "--method", "prompt-tuning"))
+    assert "unknown --method 'prompt-tuning'" in capsys.readouterr().err
+    with pytest.raises(DataError, match="does not exist"):
+        finetune.main(quick(tmp_path / "nowhere", tmp_path / "r"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="is empty"):
+        finetune.main(quick(tmp_path / "empty", tmp_path / "r"))
+    # a run of one model cannot be resumed or evaluated as another
+    finetune.main(quick(data_dir / "flowers5", tmp_path / "r", "--method", "taskres"))
+    with pytest.raises(DataError, match="orthserve-tiny"):
+        finetune.main(quick(data_dir / "flowers5", tmp_path / "r", "--method", "taskres", "--resume",
+                            "--model", "ViT-B-32"))
+    with pytest.raises(DataError, match="already holds a run"):
+        finetune.main(quick(data_dir / "flowers5", tmp_path / "r", "--method", "taskres"))
+    with pytest.raises(DataError, match="not 'ViT-B-32'"):
+        evaluate.main(["--run", str(tmp_path / "r"), "--model", "ViT-B-32", "--data", str(data_dir / "flowers5")])
+    proc = subprocess.run([sys.executable, "-m", "training.finetune", *quick(tmp_path / "empty", tmp_path / "x")],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode != 0 and "error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_corrupt_images_and_short_classes_do_not_stop_training(tmp_path, caplog):
+    data = make_folder(tmp_path / "d", {"cat": 6, "dog": 1}, corrupt={"cat": 2, "dog": 1})
+    metrics = finetune.main(["--model", "orthserve-tiny", "--data", str(data), "--out", str(tmp_path / "r"),
+                             "--shots", "8", "--epochs", "1", "--batch-size", "4", "--workers", "0",
+                             "--method", "orthcr", "--progress", "off", "--val-shots", "0"])
+    assert any("fewer than --shots 8" in n for n in metrics["notes"])
+    assert any("skipped 3 unreadable" in n for n in metrics["notes"])
+    assert "skipped 3 unreadable" in caplog.text
+
+
+def test_csv_manifest_and_iterations(tmp_path):
+    root = make_folder(tmp_path / "imgs", {"cat": 4, "dog": 4})
+    rows = ["path,label"] + [f"imgs/{p.parent.name}/{p.name},{p.parent.name}" for p in sorted(root.rglob("*.png"))]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    metrics = finetune.main(["--model", "orthserve-tiny", "--data", str(tmp_path / "m.csv"), "--out",
+                             str(tmp_path / "r"), "--shots", "3", "--iters", "4", "--batch-size", "2",
+                             "--workers", "0", "--method", "aoft", "--progress", "off", "--val-shots", "0"])
+    assert metrics["steps"] == 4 and len(metrics["epochs"]) == 2  # 3 steps per epoch

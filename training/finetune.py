@@ -1,0 +1,582 @@
+"""Few-shot adaptation of a CLIP model: ``python -m training.finetune --data DIR --out RUN_DIR``.
+
+Methods (all built on :mod:`orthserve`'s adapters; every adapter starts as the identity,
+so step 0 is zero-shot CLIP):
+
+  zeroshot        no training; evaluates and writes a run (prompt ensemble only)
+  taskres         TaskRes residual on the class embeddings; cross-entropy
+  lora            LoRA on q/k/v of every attention block (CLIP-LoRA recipe); cross-entropy
+  aoft            Householder-generated low-rank adapter (AOFT); cross-entropy
+  orthcr          block-orthogonal W -> W R on the FFN linears of both towers, OrthCR objective:
+                  CE(x) + CE(cutout(x)) + lambda1 KL(frozen(x)||adapted(x)) + lambda2 KL(frozen(xc)||adapted(xc))
+  orthcr+taskres  both adapters, OrthCR objective
+  full            every CLIP weight except the logit scale; cross-entropy
+
+Options may also come from a YAML file (``--config run.yaml``; keys are the long option
+names, with '-' or '_'); flags given on the command line override it.
+
+RUN_DIR receives adapter.safetensors, run.json, metrics.json, log.csv, curves.png,
+confusion.png (<= 50 classes) and checkpoint.pt (for --resume).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+import orthserve
+from orthserve.adapters import ATTENTION_TARGETS, FFN_TARGETS, AdapterConfig
+from orthserve.classifier import DEFAULT_TEMPLATES
+from orthserve.preprocess import PreprocessSpec
+from orthserve.runs import ADAPTER_FILE, RunInfo, load_base_model
+
+from .data import (SUBSAMPLES, DataError, LabelledSet, TrainImages, drop_unreadable, few_shot, load_labelled,
+                   per_class, subsample_classes)
+from .evaluate import classifier_for, evaluate_classifier, harmonic_mean
+from .objective import CUTOUT_MODES, CrossEntropyObjective, OrthCRConfig, OrthCRObjective
+
+log = logging.getLogger("training.finetune")
+METHODS = ("zeroshot", "taskres", "lora", "aoft", "orthcr", "orthcr+taskres", "full")
+DEFAULT_LR = {"taskres": 2e-3, "lora": 2e-4, "aoft": 1e-3, "orthcr": 2e-4, "orthcr+taskres": 2e-4, "full": 1e-5}
+CHECKPOINT = "checkpoint.pt"
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- options
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.finetune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file of options (long names as keys); command-line flags override it")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="ViT-B-16", help="open_clip name, orthserve-tiny, orthserve-mini or a JSON config path")
+    g.add_argument("--pretrained", default="none", help="open_clip tag, checkpoint file, 'default' (orthserve-mini) "
+                   "or 'none' (random weights drawn from --seed)")
+    g.add_argument("--template", action="append", help=f"prompt template, repeatable; several are averaged "
+                   f"(default: {DEFAULT_TEMPLATES[0]!r})")
+    g = p.add_argument_group("data (CoOp few-shot protocol)")
+    g.add_argument("--data", help="ImageFolder directory (one sub-folder per class) or CSV manifest 'path,label'")
+    g.add_argument("--classnames", help="file of '<folder> <readable name>' lines; default: folder names with '_' as space")
+    g.add_argument("--shots", type=int, default=16, help="training images per class, drawn with --seed (0: all images)")
+    g.add_argument("--seed", type=int, default=1, help="seed for shot sampling, augmentation, Cutout, init")
+    g.add_argument("--subsample", default="all", choices=SUBSAMPLES,
+                   help="train on all classes, the base half (first ceil(n/2) sorted classes) or the new half; "
+                        "with 'base', test accuracy is also reported on the new classes and their harmonic mean")
+    g.add_argument("--val-data", help="validation folder/CSV (default: --val-shots per class held out of --data)")
+    g.add_argument("--test-data", help="test folder/CSV (default: --test-per-class per class held out of --data)")
+    g.add_argument("--val-shots", type=int, default=None, help="held-out validation images per class (default min(shots, 4))")
+    g.add_argument("--test-per-class", type=int, default=100, help="held-out test images per class (0: all left over)")
+    g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loading processes (0: in process)")
+    g = p.add_argument_group("method")
+    g.add_argument("--method", default="orthcr", help=f"one of {', '.join(METHODS)}")
+    g.add_argument("--objective", default="auto", choices=("auto", "ce", "orthcr"),
+                   help="auto: orthcr for orthcr methods, ce (cross-entropy) otherwise")
+    g.add_argument("--targets", action="append", help="regular expression(s) over module names to adapt "
+                   f"(default: FFN linears {list(FFN_TARGETS)} for orthcr, attention {list(ATTENTION_TARGETS)} for lora/aoft)")
+    g.add_argument("--blocks", type=int, default=None, help="orthcr: diagonal blocks per rotation (default 4)")
+    g.add_argument("--block-size", type=int, default=None, help="orthcr: block side instead of --blocks")
+    g.add_argument("--cayley", default="exact", choices=("exact", "neumann"), help="orthcr: Cayley transform")
+    g.add_argument("--neumann-terms", type=int, default=5, help="orthcr: terms of the Neumann series")
+    g.add_argument("--max-norm", type=float, default=None, help="orthcr: bound on |Q|_F (constrained variant)")
+    g.add_argument("--rank", type=int, default=None, help="lora/aoft rank (default 2 for lora, 4 for aoft)")
+    g.add_argument("--alpha", type=float, default=1.0, help="lora scale alpha (delta scaled by alpha/sqrt(rank)); aoft scale")
+    g.add_argument("--taskres-alpha", type=float, default=0.5, help="TaskRes residual scale")
+    g.add_argument("--lambda1", type=float, default=1.5, help="OrthCR: weight of KL(frozen||adapted) on original views")
+    g.add_argument("--lambda2", type=float, default=1.0, help="OrthCR: weight of KL(frozen||adapted) on Cutout views")
+    g.add_argument("--cutout", default="random", choices=CUTOUT_MODES,
+                   help="OrthCR Cutout views. random: a square (side --cutout-size x image side), centre uniform over "
+                        "the image, clipped at the border, set to the mean colour. attentive: the square of patches "
+                        "(side round(--cutout-size x grid)) whose frozen patch tokens are most similar to the "
+                        "image's class text embedding is set to the mean colour. none: no masking")
+    g.add_argument("--cutout-size", type=float, default=0.5, help="Cutout square side, fraction of the image side")
+    g.add_argument("--cutout-prob", type=float, default=1.0, help="probability that an image is masked")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default per method: {DEFAULT_LR})")
+    g.add_argument("--taskres-lr", type=float, default=DEFAULT_LR["taskres"],
+                   help="learning rate of the TaskRes residual in orthcr+taskres (--lr applies to the rotations)")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--epochs", type=int, default=10, help="training epochs")
+    g.add_argument("--iters", type=int, default=None, help="training steps instead of --epochs")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps before the cosine decay "
+                   "(default: 5%% of all steps)")
+    g.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine floor as a fraction of --lr")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (0: off)")
+    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="autocast precision on GPU (auto: bf16 where supported); CPU always runs fp32")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    g.add_argument("--eval-batch-size", type=int, default=128)
+    g = p.add_argument_group("run directory")
+    g.add_argument("--out", help="RUN_DIR for the outputs and checkpoints")
+    g.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt (last complete epoch)")
+    g.add_argument("--overwrite", action="store_true", help="start over in a RUN_DIR that already holds a run")
+    g.add_argument("--stop-after-epochs", type=int, default=None,
+                   help="stop (with a checkpoint) after this many epochs in this invocation; finish later with --resume")
+    g.add_argument("--progress", default="auto", choices=("auto", "on", "off"), help="progress bars (auto: on a terminal)")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Flags over YAML over defaults: the YAML sets the parser's defaults, then flags are parsed."""
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.config:
+        import yaml
+
+        path = Path(first.config)
+        if not path.is_file():
+            parser.error(f"config file {path} does not exist")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            parser.error(f"config file {path} must be a mapping of option: value")
+        known = {a.dest for a in parser._actions}
+        values = {str(k).replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            parser.error(f"config file {path}: unknown option(s) {', '.join(unknown)}")
+        for key in ("template", "targets"):
+            if isinstance(values.get(key), str):
+                values[key] = [values[key]]
+        parser.set_defaults(**values)
+    args = parser.parse_args(argv)
+    if args.method not in METHODS:
+        parser.error(f"unknown --method {args.method!r}: use one of {', '.join(METHODS)}")
+    if args.out is None:
+        parser.error("--out RUN_DIR is required")
+    if args.data is None:
+        parser.error("--data DIR is required")
+    if args.blocks is not None and args.block_size is not None:
+        parser.error("give --blocks or --block-size, not both")
+    if args.objective == "auto":
+        args.objective = "orthcr" if args.method.startswith("orthcr") else "ce"
+    if args.objective == "orthcr" and args.method in ("full", "zeroshot"):
+        parser.error(f"the OrthCR objective needs adapters to bypass; method {args.method!r} has none")
+    args.lr = args.lr if args.lr is not None else DEFAULT_LR.get(args.method, 0.0)
+    args.templates = args.template or list(DEFAULT_TEMPLATES)
+    return args
+
+
+def adapter_configs(args: argparse.Namespace) -> list[AdapterConfig]:
+    """``--method`` and its options -> the core library's adapter configs, in injection order."""
+    targets = {"targets": tuple(args.targets)} if args.targets else {}
+    configs: list[AdapterConfig] = []
+    if args.method.startswith("orthcr"):
+        shape = {"blocks": None, "block_size": args.block_size} if args.block_size else {"blocks": args.blocks or 4}
+        configs.append(orthserve.OrthogonalConfig(**targets, **shape, cayley=args.cayley,
+                                                  neumann_terms=args.neumann_terms, max_norm=args.max_norm))
+    if args.method == "lora":
+        configs.append(orthserve.LoRAConfig(**targets, rank=args.rank or 2, alpha=args.alpha))
+    if args.method == "aoft":
+        configs.append(orthserve.AOFTConfig(**targets, rank=args.rank or 4, alpha=args.alpha))
+    if args.method in ("taskres", "orthcr+taskres"):
+        configs.append(orthserve.TaskResConfig(alpha=args.taskres_alpha))
+    return configs
+
+
+# --------------------------------------------------------------------------- setup
+
+def pick_device(name: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def autocast_for(device: torch.device, precision: str):
+    """Context factory and whether fp16 loss scaling is needed; CPU stays in fp32."""
+    if device.type != "cuda" or precision == "fp32":
+        return nullcontext, False
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return partial(torch.autocast, device_type="cuda", dtype=dtype), precision == "fp16"
+
+
+def build_classifier(args, classnames: list[str], device: torch.device):
+    """Base CLIP (random weights drawn from --seed when pretrained is none) + adapters."""
+    model, _, tokenizer = load_base_model(args.model, args.pretrained, args.seed, "cpu")
+    classifier = orthserve.CLIPClassifier(model, tokenizer, classnames, args.templates).to(device)
+    configs = adapter_configs(args)
+    for config in configs:
+        orthserve.inject(classifier, config)
+    if args.method == "full":
+        for name, param in classifier.named_parameters():
+            param.requires_grad_("logit_scale" not in name and "logit_bias" not in name)
+    elif args.method == "zeroshot":
+        for param in classifier.parameters():
+            param.requires_grad_(False)
+    return classifier, tokenizer, configs
+
+
+def prepare_data(args) -> dict[str, LabelledSet | None]:
+    """train / val / test (and new-class test for --subsample base), per the CoOp protocol."""
+    everything = load_labelled(args.data, args.classnames, "all")
+    data = load_labelled(args.data, args.classnames, args.subsample)
+    train, rest = few_shot(data, args.shots, args.seed)
+    train = drop_unreadable(train, "training")
+    val_shots = args.val_shots if args.val_shots is not None else min(max(args.shots, 1), 4)
+    if args.val_data:
+        val = load_labelled(args.val_data, args.classnames, args.subsample)
+    else:
+        val, rest = per_class(rest, val_shots, args.seed + 1) if val_shots > 0 else (None, rest)
+        val = val if val and val.samples else None
+    if args.test_data:
+        test = load_labelled(args.test_data, args.classnames, args.subsample)
+        test_all = load_labelled(args.test_data, args.classnames, "all")
+    else:
+        test, _ = per_class(rest, args.test_per_class, args.seed + 2)
+        test = test if test.samples else None
+        test_all = everything
+    for split, dataset in (("validation", val), ("test", test)):
+        if dataset is not None and dataset.classes != train.classes:
+            raise DataError(f"{split} data classes differ from the training classes "
+                            f"({len(dataset.classes)} vs {len(train.classes)}, e.g. "
+                            f"{sorted(set(dataset.classes) ^ set(train.classes))[:3]})")
+    new = None
+    if args.subsample == "base":
+        new_classes = subsample_classes(test_all.classes, "new")
+        if new_classes:
+            new_all = load_labelled(args.test_data or args.data, args.classnames, "new")
+            new, _ = per_class(new_all, args.test_per_class, args.seed + 2)
+    return {"train": train, "val": val, "test": test, "new": new}
+
+
+def trainable_parameters(classifier) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in classifier.named_parameters() if p.requires_grad}
+
+
+def lr_lambda(step: int, warmup: int, total: int, floor: float) -> float:
+    """Linear warm-up to 1, then cosine decay to ``floor``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# --------------------------------------------------------------------------- the step
+
+def train_step(classifier, objective, optimizer, scheduler, scaler, images, labels, autocast, grad_clip: float):
+    """One optimization step; returns ``(loss, correct, parts)`` as Python numbers.
+
+    Forward under autocast (GPU), backward (fp16 loss scaling when needed), clip, step,
+    advance the schedule.  The objective decides what "loss" means (CE or OrthCR).
+    """
+    classifier.train()
+    with autocast():
+        loss, logits, parts = objective(classifier, images, labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    correct = int((logits.argmax(dim=-1) == labels).sum())
+    return float(loss.detach()), correct, {k: float(v.detach()) for k, v in parts.items()}
+
+
+# --------------------------------------------------------------------------- run directory
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def git_commit() -> str | None:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        return f"{commit}{'-dirty' if dirty else ''}" if commit else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict[str, str]:
+    import open_clip
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "open_clip": open_clip.__version__, "orthserve": orthserve.__version__}
+
+
+def hyper_parameters(args) -> dict:
+    skip = {"config", "resume", "overwrite", "stop_after_epochs", "progress", "out", "template"}
+    return {k: v for k, v in vars(args).items() if k not in skip}
+
+
+def save_weights(classifier, configs, run_dir: Path, method: str) -> None:
+    """adapter.safetensors: adapter tensors only, or the whole CLIP state_dict for ``full``."""
+    if method == "full":
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().float().cpu().contiguous().clone() for k, v in classifier.model.state_dict().items()}
+        tmp = run_dir / f".{ADAPTER_FILE}.tmp-{os.getpid()}"
+        save_file(state, str(tmp))
+        os.replace(tmp, run_dir / ADAPTER_FILE)
+    else:
+        orthserve.save_adapters(run_dir / ADAPTER_FILE, classifier, configs)
+
+
+def check_run_dir(args, run_dir: Path, classnames: list[str]) -> None:
+    """Refuse to mix runs: a different model/method/classes under --resume, or clobbering without --overwrite."""
+    existing = run_dir / "run.json"
+    if args.resume:
+        if not (run_dir / CHECKPOINT).is_file():
+            raise DataError(f"--resume: {run_dir} has no {CHECKPOINT} to continue from")
+        info = RunInfo.read(run_dir)
+        if info.model != args.model or info.pretrained != args.pretrained:
+            raise DataError(f"--resume: {run_dir} is a run of model {info.model!r} ({info.pretrained}), "
+                            f"not {args.model!r} ({args.pretrained})")
+        if info.method != args.method:
+            raise DataError(f"--resume: {run_dir} was trained with method {info.method!r}, not {args.method!r}")
+        if info.classnames != classnames:
+            raise DataError(f"--resume: {run_dir} was trained on other classes ({len(info.classnames)} classes)")
+    elif existing.is_file() and not args.overwrite:
+        raise DataError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to start over, "
+                        "or choose another --out")
+
+
+def write_history(run_dir: Path, history: list[dict]) -> None:
+    if not history:
+        return
+    fields = list(dict.fromkeys(k for row in history for k in row))
+    tmp = run_dir / f".log.csv.tmp-{os.getpid()}"
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, run_dir / "log.csv")
+
+
+def plot_curves(run_dir: Path, history: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = [row["epoch"] for row in history]
+    left.plot(epochs, [row["train_loss"] for row in history], "o-", label="train loss")
+    if any("val_loss" in row for row in history):
+        left.plot(epochs, [row.get("val_loss", float("nan")) for row in history], "o-", label="val loss")
+    right.plot(epochs, [row["train_acc"] for row in history], "o-", label="train top-1")
+    if any("val_acc" in row for row in history):
+        right.plot(epochs, [row.get("val_acc", float("nan")) for row in history], "o-", label="val top-1")
+    left.set(xlabel="epoch", ylabel="loss", title="loss")
+    right.set(xlabel="epoch", ylabel="top-1", title="accuracy", ylim=(0, 1))
+    for ax in (left, right):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run_dir / "curves.png", dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion(run_dir: Path, confusion: list[list[int]], classnames: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = np.asarray(confusion, dtype=float)
+    matrix = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = max(4, 0.35 * len(classnames) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classnames)), classnames, rotation=90, fontsize=8)
+    ax.set_yticks(range(len(classnames)), classnames, fontsize=8)
+    ax.set(xlabel="predicted", ylabel="true", title="test confusion (row-normalized)")
+    fig.tight_layout()
+    fig.savefig(run_dir / "confusion.png", dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- main
+
+def rng_state(cutout: torch.Generator) -> dict:
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(), "numpy": np.random.get_state(), "cutout": cutout.get_state()}
+
+
+def set_rng_state(state: dict, cutout: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    cutout.set_state(state["cutout"])
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Train, evaluate and write RUN_DIR; returns the metrics written to metrics.json."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("training").setLevel(logging.INFO)
+    from tqdm import tqdm
+
+    args = parse_args(argv)
+    run_dir = Path(args.out)
+    device = pick_device(args.device)
+    autocast, fp16 = autocast_for(device, args.precision)
+    progress = {"auto": None, "on": True, "off": False}[args.progress]
+
+    splits = prepare_data(args)
+    train = splits["train"]
+    check_run_dir(args, run_dir, train.classnames)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if args.overwrite and not args.resume:
+        (run_dir / CHECKPOINT).unlink(missing_ok=True)
+
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    classifier, tokenizer, configs = build_classifier(args, train.classnames, device)
+    spec = PreprocessSpec.from_model(classifier.model)
+    info = RunInfo(model=args.model, pretrained=str(args.pretrained), method=args.method, classnames=train.classnames,
+                   templates=args.templates, adapters=[c.to_dict() for c in configs], preprocess=spec.to_dict(),
+                   seed=args.seed, extra={"hyper_parameters": hyper_parameters(args), "versions": versions(),
+                                          "git_commit": git_commit(), "classes": train.classes,
+                                          "train_images": ([s.path for s in train.samples]
+                                                           if len(train.samples) <= 5000 else len(train.samples)),
+                                          "data_notes": train.notes})
+    info.save(run_dir)
+
+    params = trainable_parameters(classifier)
+    log.info("method %s: %d trainable parameters in %d tensors; %d training images, %d classes, device %s",
+             args.method, sum(p.numel() for p in params.values()), len(params), len(train.samples),
+             len(train.classes), device)
+    cutout_rng = torch.Generator().manual_seed(args.seed)
+    history: list[dict] = []
+    step, start_epoch = 0, 0
+    steps_per_epoch = math.ceil(len(train.samples) / args.batch_size)
+    epochs = math.ceil(args.iters / steps_per_epoch) if args.iters else args.epochs
+    total_steps = args.iters or epochs * steps_per_epoch
+    train_data = TrainImages(train, spec, args.seed)
+    evaluate = partial(evaluate_classifier, spec=spec, device=device, batch_size=args.eval_batch_size,
+                       workers=args.workers, autocast=autocast, progress=progress)
+
+    if args.method != "zeroshot" and params:
+        if args.objective == "orthcr":
+            objective = OrthCRObjective(classifier, OrthCRConfig(args.lambda1, args.lambda2, args.cutout,
+                                                                 args.cutout_size, args.cutout_prob), cutout_rng)
+        else:
+            objective = CrossEntropyObjective()
+        taskres_lr = args.taskres_lr if args.method == "orthcr+taskres" else args.lr
+        groups = [{"params": [p for n, p in params.items() if not n.startswith("taskres.")], "lr": args.lr},
+                  {"params": [p for n, p in params.items() if n.startswith("taskres.")], "lr": taskres_lr}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=args.weight_decay)
+        warmup = args.warmup_steps if args.warmup_steps is not None else int(0.05 * total_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, partial(lr_lambda, warmup=warmup, total=total_steps, floor=args.min_lr_ratio))
+        scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        if args.resume:
+            state = torch.load(run_dir / CHECKPOINT, map_location=device, weights_only=False)
+            missing = params.keys() - state["trainable"].keys()
+            if missing:
+                raise DataError(f"--resume: checkpoint lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[:2]})")
+            with torch.no_grad():
+                for name, param in params.items():
+                    param.copy_(state["trainable"][name])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"], cutout_rng)
+            step, start_epoch, history = state["step"], state["epoch"], state["history"]
+            log.info("resumed from %s at epoch %d, step %d", run_dir / CHECKPOINT, start_epoch, step)
+
+        ran = 0
+        for epoch in range(start_epoch, epochs):
+            if args.stop_after_epochs is not None and ran >= args.stop_after_epochs:
+                log.info("stopping after %d epoch(s) as asked; continue with --resume", ran)
+                return {"stopped_at_epoch": epoch, "step": step}
+            train_data.set_epoch(epoch)
+            loader = DataLoader(train_data, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                                generator=torch.Generator().manual_seed(args.seed * 7919 + epoch),
+                                pin_memory=device.type == "cuda", persistent_workers=False)
+            loss_sum, correct, seen, parts_sum = 0.0, 0, 0, {}
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=None if progress is None else not progress)
+            for images, labels in bar:
+                if step >= total_steps:
+                    break
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                loss, right, parts = train_step(classifier, objective, optimizer, scheduler, scaler, images, labels,
+                                                autocast, args.grad_clip)
+                step += 1
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss} at step {step}; lower --lr or use --precision fp32")
+                loss_sum, correct, seen = loss_sum + loss * len(labels), correct + right, seen + len(labels)
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + v * len(labels)
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+            row = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
+                   "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+                   **{f"train_{k}": v / max(seen, 1) for k, v in parts_sum.items()}}
+            if splits["val"] is not None:
+                result = evaluate(classifier, splits["val"], desc="validate")
+                row.update(val_loss=result["loss"], val_acc=result["top1"])
+            history.append(row)
+            log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
+            ran += 1
+            atomic_torch_save({"epoch": epoch + 1, "step": step, "history": history,
+                               "trainable": {n: p.detach().cpu() for n, p in params.items()},
+                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                               "scaler": scaler.state_dict(), "rng": rng_state(cutout_rng),
+                               "model": args.model, "method": args.method}, run_dir / CHECKPOINT)
+            save_weights(classifier, configs, run_dir, args.method)
+            write_history(run_dir, history)
+
+    save_weights(classifier, configs, run_dir, args.method)
+    metrics: dict[str, Any] = {"model": args.model, "pretrained": args.pretrained, "method": args.method,
+                               "objective": args.objective if args.method != "zeroshot" else None,
+                               "shots": args.shots, "seed": args.seed, "subsample": args.subsample,
+                               "steps": step, "epochs": history, "notes": train.notes}
+    if splits["test"] is not None:
+        test = evaluate(classifier, splits["test"], desc="test")
+        metrics["test"] = {k: v for k, v in test.items() if k != "confusion"}
+        if len(train.classnames) <= 50:
+            plot_confusion(run_dir, test["confusion"], train.classnames)
+        if args.subsample == "base":
+            metrics["base_top1"] = test["top1"]
+    if splits["new"] is not None:
+        new = evaluate(classifier_for(classifier, tokenizer, splits["new"].classnames), splits["new"], desc="new classes")
+        metrics["new"] = {k: v for k, v in new.items() if k != "confusion"}
+        metrics["new_top1"] = new["top1"]
+        if "base_top1" in metrics:
+            metrics["harmonic_mean"] = harmonic_mean(metrics["base_top1"], metrics["new_top1"])
+    atomic_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+    write_history(run_dir, history)
+    if history:
+        plot_curves(run_dir, history)
+    info.extra["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    info.save(run_dir)
+    log.info("wrote %s (test top-1 %s)", run_dir, metrics.get("test", {}).get("top1"))
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as err:  # DataError and config errors: a message, not a traceback
+        sys.exit(f"error: {err}")

@@ -1,0 +1,245 @@
+"""Pretrain orthserve-mini's image tower against the frozen MiniLM text tower.
+
+    python -m training.pretrain --data ../shared/data/tiny-imagenet/train \
+        --classnames ../shared/data/tiny-imagenet/classnames.txt \
+        --val-data ../shared/data/tiny-imagenet/val --epochs 6 --out runs/pretrain-mini
+
+Locked-text training (LiT, Zhai et al. 2022) with captions made from class names:
+each class's text embedding is the mean of MiniLM's embeddings of the class name in
+every template, computed once; the image tower learns to land on its class's text
+embedding through a softmax over all classes (the class-level form of CLIP's
+contrastive loss, which avoids in-batch duplicates of the same caption).
+
+The train set is decoded once into a uint8 array (cached under ~/.cache/orthserve), and
+augmented per sample on the fly in torch (random resized crop via ``roi_align``, flip),
+so 2 CPU cores spend their time on the model, not on JPEG decoding.
+
+Writes, atomically: ``checkpoint.pt`` (resume), ``metrics.json``, ``log.csv``,
+``curves.png`` in ``--out``, and the shipped weights (image tower + logit scale,
+safetensors) at ``--weights-out``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import json
+import math
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torchvision.ops import roi_align
+from tqdm import tqdm
+
+import orthserve
+from orthserve import mini
+from orthserve.classifier import CLIPClassifier
+from orthserve.preprocess import PreprocessSpec, decode_image, resize_shorter_side, center_crop
+from training.data import load_labelled
+from training.finetune import atomic_text, atomic_torch_save, git_commit, lr_lambda, plot_curves, versions
+
+TEMPLATES = (
+    "a photo of a {}.", "a blurry photo of a {}.", "a low resolution photo of a {}.", "a close-up photo of a {}.",
+    "a photo of the small {}.", "a photo of the large {}.", "a cropped photo of a {}.", "a bright photo of a {}.",
+    "a dark photo of a {}.", "a good photo of a {}.", "itap of a {}.", "art of the {}.",
+)
+CACHE = Path.home() / ".cache" / "orthserve"
+
+
+def decoded_images(paths: Sequence[str], size: int) -> np.ndarray:
+    """``[N, size, size, 3]`` uint8 (shorter side resized + center crop), cached on disk."""
+    key = hashlib.sha256(("\n".join(paths) + f"|{size}").encode()).hexdigest()[:16]
+    cache = CACHE / f"images-{key}.npy"
+    if cache.is_file():
+        return np.load(cache)
+    array = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    for i, path in enumerate(tqdm(paths, desc="decoding images", unit="img")):
+        image = decode_image(Path(path).read_bytes())
+        array[i] = np.asarray(center_crop(resize_shorter_side(image, size), size))
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp.npy")
+    np.save(tmp, array)
+    tmp.replace(cache)
+    return array
+
+
+def augment(batch: torch.Tensor, generator: torch.Generator, min_scale: float = 0.35) -> torch.Tensor:
+    """Per-sample random resized crop (scale, ratio 3/4..4/3) and horizontal flip; float in, float out."""
+    n, _, h, w = batch.shape
+    area = torch.empty(n).uniform_(min_scale, 1.0, generator=generator)
+    log_ratio = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
+    ratio = log_ratio.exp()
+    cw = (area * ratio).sqrt().clamp(max=1.0) * w
+    ch = (area / ratio).sqrt().clamp(max=1.0) * h
+    x0 = torch.rand(n, generator=generator) * (w - cw)
+    y0 = torch.rand(n, generator=generator) * (h - ch)
+    boxes = torch.stack([torch.arange(n, dtype=torch.float32), x0, y0, x0 + cw, y0 + ch], dim=1)
+    out = roi_align(batch, boxes, output_size=(h, w), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    flip = torch.rand(n, generator=generator) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+def normalize(pixels_uint8: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """NHWC uint8 -> NCHW float normalized, as :func:`orthserve.preprocess.preprocess` does."""
+    x = pixels_uint8.permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def evaluate(model, class_text: torch.Tensor, images: np.ndarray, labels: torch.Tensor, spec: PreprocessSpec,
+             batch_size: int = 500) -> float:
+    model.eval()
+    correct = 0
+    for start in range(0, len(images), batch_size):
+        x = normalize(torch.from_numpy(images[start:start + batch_size]), spec)
+        features = F.normalize(model.encode_image(x), dim=-1)
+        correct += int(((features @ class_text.T).argmax(-1) == labels[start:start + batch_size]).sum())
+    return correct / len(images)
+
+
+def zero_shot_folder(model, tokenizer, folder: Path, labels: Sequence[str], spec: PreprocessSpec) -> float:
+    """Accuracy on an ImageFolder whose sub-folders are named by ``labels`` order (e.g. ants, bees)."""
+    data = load_labelled(folder)
+    classifier = CLIPClassifier(model, tokenizer, list(labels), list(TEMPLATES)).eval()
+    images = decoded_images([s.path for s in data.samples], spec.image_size)
+    return evaluate(model, classifier.text_features(), images, torch.tensor([s.label for s in data.samples]), spec)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="ImageFolder of training images (tiny-imagenet/train)")
+    p.add_argument("--classnames", help="'<folder> <readable name>' lines for the captions")
+    p.add_argument("--val-data", help="ImageFolder with the same classes, for top-1 per epoch")
+    p.add_argument("--hymenoptera", help="ants/bees ImageFolder for the zero-shot check at the end")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-steps", type=int, default=300)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--limit", type=int, default=0, help="use only the first N training images (smoke tests)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", default="runs/pretrain-mini", help="run directory (checkpoint, metrics, plots)")
+    p.add_argument("--weights-out", default=str(mini.WEIGHTS), help="where the shipped weights go")
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    model, _, tokenizer = orthserve.load_model(mini.MODEL_NAME, "none")
+    spec = PreprocessSpec.from_model(model)
+
+    train = load_labelled(args.data, args.classnames)
+    samples = train.samples[: args.limit] if args.limit else train.samples
+    classifier = CLIPClassifier(model, tokenizer, train.classnames, list(TEMPLATES))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        class_text = classifier.text_features().detach()          # [classes, 384], frozen MiniLM
+    trainable = [p for n, p in model.named_parameters() if n.startswith("visual") or n == "logit_scale"]
+    for p in trainable:
+        p.requires_grad_(True)
+
+    images = decoded_images([s.path for s in samples], spec.image_size)
+    labels = torch.tensor([s.label for s in samples])
+    val = None
+    if args.val_data:
+        val_set = load_labelled(args.val_data, args.classnames)
+        unknown = sorted(set(val_set.classes) - set(train.classes))
+        if unknown:
+            raise SystemExit(f"error: --val-data has classes not in --data: {unknown[:5]}")
+        to_train_label = [train.classes.index(c) for c in val_set.classes]  # val may hold a subset
+        val = (decoded_images([s.path for s in val_set.samples], spec.image_size),
+               torch.tensor([to_train_label[s.label] for s in val_set.samples]))
+
+    steps_per_epoch = len(samples) // args.batch_size
+    total = steps_per_epoch * args.epochs
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, args.warmup_steps, total, 0.02))
+    generator = torch.Generator().manual_seed(args.seed)
+    history: list[dict] = []
+    start_epoch, seconds = 0, 0.0
+    checkpoint = out / "checkpoint.pt"
+    if args.resume and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=True)
+        model.visual.load_state_dict(state["visual"])
+        with torch.no_grad():
+            model.logit_scale.copy_(state["logit_scale"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        start_epoch, history, seconds = state["epoch"], json.loads(state["history"]), state["seconds"]
+
+    print(f"pretraining {sum(p.numel() for p in trainable):,} parameters on {len(samples):,} images, "
+          f"{len(train.classes)} classes, {args.epochs} epochs x {steps_per_epoch} steps")
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        began = time.time()
+        order = torch.randperm(len(samples), generator=generator)
+        loss_sum = correct = seen = 0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}")
+        for step in bar:
+            index = order[step * args.batch_size:(step + 1) * args.batch_size]
+            x = augment(normalize(torch.from_numpy(images[index.numpy()]), spec), generator)
+            y = labels[index]
+            features = F.normalize(model.encode_image(x), dim=-1)
+            logits = model.logit_scale.exp() * features @ class_text.T
+            loss = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.argmax(-1) == y).sum())
+            seen += len(y)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        seconds += time.time() - began
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen, "minutes": seconds / 60}
+        if val is not None:
+            row["val_acc"] = evaluate(model, class_text, *val, spec)
+        history.append(row)
+        print(json.dumps(row))
+        atomic_torch_save({"visual": model.visual.state_dict(), "logit_scale": model.logit_scale.detach().clone(),
+                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                           "generator": generator.get_state(), "epoch": epoch + 1,
+                           "history": json.dumps(history), "seconds": seconds}, checkpoint)
+
+    weights = Path(args.weights_out)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    tmp = weights.with_name(f".{weights.name}.tmp")
+    save_file({k: v.contiguous() for k, v in mini.image_tower_state(model).items()}, str(tmp))
+    tmp.replace(weights)
+    metrics = {"history": history, "train_minutes": seconds / 60, "images": len(samples),
+               "classes": len(train.classes), "command": "python -m training.pretrain " + " ".join(sys.argv[1:] if argv is None else argv),
+               "versions": versions(), "git_commit": git_commit(), "weights": str(weights),
+               "weights_bytes": weights.stat().st_size}
+    if val is not None:
+        metrics["val_top1"] = history[-1]["val_acc"]
+    if args.hymenoptera:
+        metrics["hymenoptera_zero_shot"] = zero_shot_folder(model, tokenizer, Path(args.hymenoptera), ["ant", "bee"], spec)
+    atomic_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    plot_curves(out, history)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
