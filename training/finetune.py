@@ -418,7 +418,13 @@ def plot_confusion(run_dir: Path, confusion: list[list[int]], classnames: list[s
 
 def rng_state(cutout: torch.Generator) -> dict:
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python": random.getstate(), "numpy": np.random.get_state(), "cutout": cutout.get_state()}
+            "python": random.getstate(), "numpy": _numpy_state(), "cutout": cutout.get_state()}
+
+
+def _numpy_state() -> list:
+    """NumPy's RNG state as tensors and numbers, so the checkpoint loads with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]
 
 
 def set_rng_state(state: dict, cutout: torch.Generator) -> None:
@@ -426,7 +432,8 @@ def set_rng_state(state: dict, cutout: torch.Generator) -> None:
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     cutout.set_state(state["cutout"])
 
 
@@ -492,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             optimizer, partial(lr_lambda, warmup=warmup, total=total_steps, floor=args.min_lr_ratio))
         scaler = torch.amp.GradScaler("cuda", enabled=fp16)
         if args.resume:
-            state = torch.load(run_dir / CHECKPOINT, map_location=device, weights_only=False)
+            state = torch.load(run_dir / CHECKPOINT, map_location=device, weights_only=True)  # no pickle
             missing = params.keys() - state["trainable"].keys()
             if missing:
                 raise DataError(f"--resume: checkpoint lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[:2]})")
