@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from orthserve.artifact import Artifact, load_artifact
+from orthserve.artifact import Artifact, load_artifact, ort_session
 from orthserve.preprocess import PreprocessSpec
 
 log = logging.getLogger("orthserve.service")
@@ -124,12 +124,7 @@ class OnnxEncoder:
         providers = list(providers or choose_providers())
         self.variant = choose_variant(artifact, component, on_gpu=providers[0] in GPU_PROVIDERS)
         self.path = artifact.onnx_path(component, self.variant)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or default_threads()
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        self.session = ort_session(self.path, self.variant, providers, threads or default_threads())
         self.providers = self.session.get_providers()  # what actually loaded (ORT falls back to CPU)
         self.input = self.session.get_inputs()[0].name
         self.lock = threading.Lock()  # one run at a time: the session already uses every thread it has

@@ -22,7 +22,7 @@ def export_tiny(base: Path) -> Path:
     if (out / "manifest.json").is_file():
         return out
     cmd = [sys.executable, "-m", "export", "--model", "orthserve-tiny", "--pretrained", "none",
-           "--labels", ",".join(CLASSES), "--out", str(out)]
+           "--labels", ",".join(CLASSES), "--fp16", "--int8", "--out", str(out)]
     for template in TEMPLATES:
         cmd += ["--template", template]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

@@ -1,0 +1,76 @@
+"""What gets exported: an adapted (still unfolded) CLIP model and what describes it.
+
+Either a training run (``orthserve.runs.load_run`` rebuilds it) or a plain model name
+with an optional class list for a zero-shot classifier.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from torch import nn
+
+import orthserve
+from orthserve.classifier import DEFAULT_TEMPLATES, CLIPClassifier
+from orthserve.preprocess import PreprocessSpec
+from orthserve.runs import RUN_FILE, load_run
+
+
+@dataclass
+class Source:
+    model: nn.Module                      # the CLIP model, adapters still attached
+    tokenizer: Callable
+    classifier: CLIPClassifier | None     # None: no class list, no classifier file
+    name: str
+    pretrained: str
+    method: str
+    adapters: list[dict]
+    preprocess: PreprocessSpec
+    run: dict = field(default_factory=dict)   # where it came from (run dir, seed, training extras)
+
+    @property
+    def classnames(self) -> list[str]:
+        return self.classifier.classnames if self.classifier is not None else []
+
+    @property
+    def templates(self) -> list[str]:
+        return self.classifier.templates if self.classifier is not None else []
+
+
+def from_run(run_dir: str | Path) -> Source:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    if not (run_dir / RUN_FILE).is_file():
+        raise FileNotFoundError(f"{run_dir} is not a training run: it has no {RUN_FILE}")
+    classifier, info = load_run(run_dir)
+    spec = PreprocessSpec.from_dict(info.preprocess) if info.preprocess else PreprocessSpec.from_model(classifier.model)
+    return Source(model=classifier.model, tokenizer=orthserve.get_tokenizer(info.model), classifier=classifier,
+                  name=info.model, pretrained=info.pretrained, method=info.method, adapters=list(info.adapters),
+                  preprocess=spec, run={"dir": str(run_dir.resolve()), "seed": info.seed, "extra": info.extra})
+
+
+def from_model(name: str, pretrained: str = "none", classnames: Sequence[str] = (),
+               templates: Sequence[str] = DEFAULT_TEMPLATES) -> Source:
+    """A plain zero-shot export; with ``classnames`` it carries a zero-shot classifier."""
+    model, _, tokenizer = orthserve.load_model(name, pretrained)
+    classifier = CLIPClassifier(model, tokenizer, classnames, templates).eval() if classnames else None
+    return Source(model=model, tokenizer=tokenizer, classifier=classifier, name=name, pretrained=str(pretrained),
+                  method="zeroshot", adapters=[], preprocess=PreprocessSpec.from_model(model))
+
+
+def read_classnames(path: str | Path) -> list[str]:
+    """One class name per line; blank lines and ``#`` comments skipped.
+
+    ``<wnid> <name>`` lines (ImageNet's classnames.txt format) are not special-cased:
+    the whole line is the name, so pass a file of readable names.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class-name file {path} does not exist")
+    names = [line.strip() for line in path.read_text().splitlines()]
+    names = [n for n in names if n and not n.startswith("#")]
+    if not names:
+        raise ValueError(f"class-name file {path} has no class names")
+    return names

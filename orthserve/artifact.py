@@ -1,0 +1,182 @@
+"""An exported artifact directory (ART_DIR), as export writes it and the service reads it.
+
+ART_DIR/
+  image.onnx, text.onnx          pixels / tokens -> L2-normalized embeddings (dynamic batch)
+  image.{fp16,int8}.onnx, ...    optional variants
+  classifier.safetensors         class_embeddings [C, D] (TaskRes folded in), logit_scale (exponentiated)
+  open_clip_model.safetensors    folded plain open_clip state_dict
+  parity.json                    verification figures
+  manifest.json                  everything else, with the sha256 of every other file
+
+Loading never trusts the directory: the schema version and every file's sha256 are
+checked, so a half-copied or edited artifact is refused instead of served.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .preprocess import PreprocessSpec
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+PARITY_FILE = "parity.json"
+CLASSIFIER_FILE = "classifier.safetensors"
+CHECKPOINT_FILE = "open_clip_model.safetensors"
+COMPONENTS = ("image", "text")
+VARIANTS = ("fp32", "fp16", "int8")
+# onnxruntime 1.31's NchwcTransformer (CPU, ORT_ENABLE_ALL) segfaults while optimizing fp16 graphs:
+# pass these as InferenceSession(..., disabled_optimizers=...) when running a variant on CPU.
+ORT_DISABLED_OPTIMIZERS = {"fp16": ["NchwcTransformer"]}
+REQUIRED_KEYS = ("schema_version", "model", "pretrained", "method", "classnames", "templates", "preprocess",
+                 "tokenizer", "embed_dim", "logit_scale", "files", "variants")
+
+
+class ArtifactError(ValueError):
+    """The directory is not a usable artifact (missing, wrong schema, tampered or incomplete)."""
+
+
+def onnx_file(component: str, variant: str = "fp32") -> str:
+    """File name of one exported tower: ``image.onnx``, ``text.int8.onnx``, ..."""
+    return f"{component}.onnx" if variant == "fp32" else f"{component}.{variant}.onnx"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entries(root: Path, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The manifest's ``files`` section for ``names`` under ``root``."""
+    return {name: {"sha256": sha256_file(root / name), "bytes": (root / name).stat().st_size} for name in sorted(names)}
+
+
+@dataclass
+class Artifact:
+    root: Path
+    manifest: dict
+    preprocess: PreprocessSpec
+    classnames: list[str]
+    templates: list[str]
+    class_embeddings: np.ndarray | None
+    logit_scale: float
+    _tokenizer: Callable | None = field(default=None, repr=False)
+
+    def variants(self, component: str) -> list[str]:
+        if component not in COMPONENTS:
+            raise ArtifactError(f"unknown component {component!r}; expected one of {COMPONENTS}")
+        return list(self.manifest["variants"].get(component, {}))
+
+    def onnx_path(self, component: str, variant: str = "fp32") -> Path:
+        available = self.variants(component)
+        if variant not in available:
+            raise ArtifactError(f"{self.root}: no {variant!r} variant of the {component} model; available: {available}")
+        return self.root / self.manifest["variants"][component][variant]
+
+    @property
+    def context_length(self) -> int:
+        return int(self.manifest["tokenizer"]["context_length"])
+
+    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> int64 token ids ``[N, context_length]``, with the model's own tokenizer."""
+        if self._tokenizer is None:
+            from .models import get_tokenizer  # torch + open_clip: only when text is needed
+
+            self._tokenizer = get_tokenizer(self.manifest["tokenizer"]["model"])
+        tokens = self._tokenizer(list(texts), context_length=self.context_length)
+        return np.asarray(tokens, dtype=np.int64)
+
+
+def _read_manifest(root: Path) -> dict:
+    path = root / MANIFEST_FILE
+    if not root.is_dir():
+        raise ArtifactError(f"artifact directory {root} does not exist")
+    if not path.is_file():
+        raise ArtifactError(f"{root} is not an artifact: no {MANIFEST_FILE}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path} is not a JSON object")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ArtifactError(f"{path}: schema_version {version!r} is not supported (this orthserve reads "
+                            f"{SCHEMA_VERSION}); re-export the model with this version")
+    missing = [key for key in REQUIRED_KEYS if key not in manifest]
+    if missing:
+        raise ArtifactError(f"{path} lacks required keys {missing}")
+    return manifest
+
+
+def _check_files(root: Path, manifest: dict) -> None:
+    files = manifest["files"]
+    for component, variants in manifest["variants"].items():
+        for variant, name in variants.items():
+            if name not in files:
+                raise ArtifactError(f"{root}: {component} {variant} file {name!r} is not listed in the manifest's files")
+    for name, entry in files.items():
+        path = root / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ArtifactError(f"{root}: manifest lists a file outside the artifact: {name!r}")
+        if not path.is_file():
+            raise ArtifactError(f"{root}: {name} is listed in the manifest but missing (incomplete copy?)")
+        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+            raise ArtifactError(f"{root}: {name} does not match its sha256 in the manifest "
+                                f"(modified or corrupted); re-export or re-copy the artifact")
+
+
+def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
+    """Open ART_DIR; checks the schema and (with ``verify``) every file's sha256."""
+    root = Path(path)
+    manifest = _read_manifest(root)
+    try:
+        if verify:
+            _check_files(root, manifest)
+        spec = PreprocessSpec.from_dict(manifest["preprocess"])
+    except ArtifactError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
+        raise ArtifactError(f"{root}: malformed {MANIFEST_FILE}: {err!r}") from err
+    embeddings = None
+    logit_scale = float(manifest["logit_scale"])
+    if CLASSIFIER_FILE in manifest["files"]:
+        from safetensors.numpy import load_file
+
+        tensors = load_file(str(root / CLASSIFIER_FILE))
+        embeddings = tensors["class_embeddings"].astype(np.float32)
+        logit_scale = float(tensors["logit_scale"])
+        if embeddings.shape != (len(manifest["classnames"]), manifest["embed_dim"]):
+            raise ArtifactError(f"{root}: class_embeddings has shape {embeddings.shape}, manifest says "
+                                f"{len(manifest['classnames'])} classes x {manifest['embed_dim']}")
+    return Artifact(root=root, manifest=manifest, preprocess=spec,
+                    classnames=list(manifest["classnames"]), templates=list(manifest["templates"]),
+                    class_embeddings=embeddings, logit_scale=logit_scale)
+
+
+def ort_session(path: str | Path, variant: str = "fp32", providers: Sequence[str] = ("CPUExecutionProvider",),
+                threads: int | None = None, log_severity: int = 3):
+    """The one way we open an onnxruntime session (export verification, service, benchmarks).
+
+    Disables the graph optimizers that crash onnxruntime on some variants
+    (``ORT_DISABLED_OPTIMIZERS``); ``threads`` sets intra-op threads (None: onnxruntime's default).
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = log_severity
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=list(providers),
+                                disabled_optimizers=ORT_DISABLED_OPTIMIZERS.get(variant))

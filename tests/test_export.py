@@ -1,0 +1,148 @@
+"""Export: every adapter method folds and exports with parity; graphs, variants, checkpoint."""
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+import export
+from export import verify
+from export_helpers import CLASSES, METHODS, TINY, base_checkpoint, make_run
+from orthserve.artifact import load_artifact
+from orthserve.runs import load_run
+
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return base_checkpoint(tmp_path_factory.mktemp("base"))
+
+
+@pytest.fixture(scope="module")
+def method_artifacts(checkpoint, tmp_path_factory) -> dict:
+    """method -> (run dir, artifact), exported once per module (dynamo export is the slow part)."""
+    cache: dict = {}
+
+    def get(method: str):
+        if method not in cache:
+            root = tmp_path_factory.mktemp(method.replace("+", "-"))
+            run_dir = make_run(root / "run", checkpoint, method)
+            export.export_artifact(export.from_run(run_dir), root / "art")
+            cache[method] = run_dir, load_artifact(root / "art")
+        return cache[method]
+    return get
+
+
+@pytest.fixture(scope="module")
+def all_run(checkpoint, tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("runs") / "all", checkpoint, "all")
+
+
+@pytest.fixture(scope="module")
+def all_artifact(all_run, tmp_path_factory):
+    """Orthogonal + LoRA + AOFT + TaskRes at once, with both variants."""
+    out = tmp_path_factory.mktemp("all-art") / "art"
+    export.export_artifact(export.from_run(all_run), out, variants=["fp16", "int8"])
+    return load_artifact(out)
+
+
+def onnx_embed(artifact, component: str, batch: np.ndarray, variant: str = "fp32") -> np.ndarray:
+    session = ort.InferenceSession(str(artifact.onnx_path(component, variant)), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: batch})[0]
+
+
+def check_against_unfolded(artifact, run_dir) -> None:
+    """Independently of parity.json: the artifact reproduces a freshly rebuilt unfolded run."""
+    parity = json.loads((artifact.root / "parity.json").read_text())
+    for key in ("image", "text", "classifier"):
+        assert parity[key]["max_abs_diff"] <= TOLERANCE, (key, parity[key])
+    classifier, info = load_run(run_dir)
+    images, _ = verify.verification_images(artifact.preprocess)
+    tokens = artifact.tokenize(["a photo of a bee.", "x", "a long " * 40])
+    with torch.no_grad():
+        image_ref = F.normalize(classifier.model.encode_image(torch.from_numpy(images)), dim=-1).numpy()
+        text_ref = F.normalize(classifier.model.encode_text(torch.from_numpy(tokens)), dim=-1).numpy()
+        logits_ref = classifier(torch.from_numpy(images)).numpy()
+    image = onnx_embed(artifact, "image", images)
+    np.testing.assert_allclose(image, image_ref, atol=TOLERANCE)
+    np.testing.assert_allclose(onnx_embed(artifact, "text", tokens), text_ref, atol=TOLERANCE)
+    logits = artifact.logit_scale * image @ artifact.class_embeddings.T
+    np.testing.assert_allclose(logits, logits_ref, atol=TOLERANCE * artifact.logit_scale * 2)
+    assert artifact.manifest["method"] == info.method and artifact.classnames == info.classnames
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "all"])
+def test_parity_every_method(method, method_artifacts):
+    run_dir, artifact = method_artifacts(method)
+    check_against_unfolded(artifact, run_dir)
+    assert artifact.manifest["adapters"] == json.loads(json.dumps([c.to_dict() for c in METHODS[method] or []]))
+
+
+def test_parity_all_methods_combined(all_artifact, all_run):
+    check_against_unfolded(all_artifact, all_run)
+
+
+def test_folded_graph_has_no_adapter_nodes(all_artifact, method_artifacts):
+    """Same node count and op types as the unadapted base model's export."""
+    _, base_artifact = method_artifacts("zeroshot")
+    for component in ("image", "text"):
+        graphs = [onnx.load(str(a.onnx_path(component))).graph for a in (all_artifact, base_artifact)]
+        adapted, base = (collections.Counter(n.op_type for n in g.node) for g in graphs)
+        assert adapted == base, component
+        assert sum(adapted.values()) == all_artifact.manifest["graph_nodes"][component]
+        assert len(graphs[0].initializer) == len(graphs[1].initializer)
+
+
+def test_variant_figures(all_artifact):
+    parity = json.loads((all_artifact.root / "parity.json").read_text())
+    images, _ = verify.verification_images(all_artifact.preprocess)
+    fp32 = onnx_embed(all_artifact, "image", images)
+    for variant, min_cosine in (("fp16", 0.999), ("int8", 0.98)):
+        assert all_artifact.variants("image") == all_artifact.variants("text") == ["fp32", "fp16", "int8"]
+        for component in ("image", "text"):
+            figures = parity["variants"][variant][component]
+            assert figures["cosine_min"] >= min_cosine, (variant, component, figures)
+            assert 0.0 <= figures["top1_agreement"] <= 1.0
+        assert parity["variants"][variant]["image"]["top1_agreement"] >= 0.9
+        assert all_artifact.onnx_path("image", variant).stat().st_size < all_artifact.onnx_path("image").stat().st_size
+    int8 = onnx_embed(all_artifact, "image", images, "int8")  # the service runs it with default options
+    assert verify.cosine_stats(int8, fp32)["cosine_min"] >= 0.98
+    assert onnx.load(str(all_artifact.onnx_path("image", "fp16"))).graph.input[0].type.tensor_type.elem_type == 1
+
+
+def test_open_clip_checkpoint_loads(all_artifact):
+    """The folded weights run anywhere open_clip runs: no orthserve code involved."""
+    model = open_clip.create_model(TINY, pretrained=str(all_artifact.root / "open_clip_model.safetensors")).eval()
+    images, _ = verify.verification_images(all_artifact.preprocess)
+    with torch.no_grad():
+        embeddings = F.normalize(model.encode_image(torch.from_numpy(images)), dim=-1).numpy()
+    np.testing.assert_allclose(embeddings, onnx_embed(all_artifact, "image", images), atol=TOLERANCE)
+
+
+def test_dynamic_batch_and_opset(all_artifact):
+    model = onnx.load(str(all_artifact.onnx_path("image")))
+    assert model.opset_import[0].version >= 17 and all_artifact.manifest["opset"] >= 17
+    assert model.graph.input[0].name == "pixels" and model.graph.output[0].name == "embeddings"
+    for batch in (1, 5):
+        pixels = np.random.default_rng(batch).standard_normal((batch, 3, 64, 64)).astype(np.float32)
+        out = onnx_embed(all_artifact, "image", pixels)
+        assert out.shape == (batch, all_artifact.manifest["embed_dim"])
+        np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_orthserve_mini_exports(tmp_path):
+    """The Hugging Face BERT text tower exports too (padding mask included: varied lengths are verified)."""
+    export.export_artifact(export.from_model("orthserve-mini", "none", CLASSES), tmp_path / "art")
+    artifact = load_artifact(tmp_path / "art")
+    parity = json.loads((artifact.root / "parity.json").read_text())
+    assert parity["image"]["max_abs_diff"] <= TOLERANCE and parity["text"]["max_abs_diff"] <= TOLERANCE
+    assert artifact.manifest["embed_dim"] == 384 and artifact.tokenize(["a bee"]).shape == (1, 32)
