@@ -1,0 +1,73 @@
+"""Smoke test of the accuracy benchmarks (bench/base_to_new.py, bench/fewshot_curve.py).
+
+orthserve-tiny with random weights, 2 classes, 1 shot, 1 seed, 2 methods, 1 epoch: checks the
+plumbing (styled cache, class views, runs through the training CLI, table / JSON / chart), not accuracy.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from conftest import REPO, requires_data
+
+sys.path.insert(0, str(REPO / "bench"))
+
+METHODS = ["zeroshot", "orthcr-reg-cutout"]
+TINY = ["--model", "orthserve-tiny", "--pretrained", "none", "--seeds", "1", "--epochs", "1",
+        "--methods", *METHODS]
+
+
+@requires_data
+def test_base_to_new_smoke(tmp_path):
+    import base_to_new
+
+    out, cache = tmp_path / "results", tmp_path / "cache"
+    result = base_to_new.main([*TINY, "--limit-classes", "2", "--shots", "1", "--out", str(out),
+                               "--cache-dir", str(cache)])
+    assert {p.name for p in out.iterdir()} >= {"base_to_new.md", "base_to_new.json", "base_to_new.png"}
+    data = json.loads((out / "base_to_new.json").read_text())
+    assert data["settings"]["style"] == "edges" and len(data["classes"]["base"]) == 1 and len(data["classes"]["new"]) == 1
+    assert sorted(data["dropped_classes"]) == ["n02480855", "n10148035"]  # no val images
+    assert [r["method"] for r in data["runs"]] == METHODS
+    table = (out / "base_to_new.md").read_text()
+    assert "python bench/base_to_new.py" in table
+    for method in METHODS:
+        row = data["summary"][method]
+        for key in ("base", "new"):
+            assert 0.0 <= row[key]["mean"] <= 1.0
+        line = next(l for l in table.splitlines() if l.startswith(f"| {base_to_new.METHOD_LABELS[method]} |"))
+        assert f"{row['base']['mean'] * 100:.1f}" in line and f"{row['new']['mean'] * 100:.1f}" in line
+    # styled images live in the cache, as an ImageFolder the CLI read; a second call reuses the runs
+    assert any((cache / "styled").glob("tiny-imagenet-train-edges-v1-*/n*/*.png"))
+    again = base_to_new.main([*TINY, "--limit-classes", "2", "--shots", "1", "--out", str(out),
+                              "--cache-dir", str(cache), "--methods", "zeroshot"])
+    assert again["runs"][0]["reused"] and again["runs"][0]["base_top1"] == result["runs"][0]["base_top1"]
+
+
+@requires_data
+def test_fewshot_curve_smoke(tmp_path):
+    import fewshot_curve
+
+    out = tmp_path / "results"
+    fewshot_curve.main([*TINY, "--limit-classes", "2", "--shots", "1", "--test-per-class", "5",
+                        "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
+    data = json.loads((out / "fewshot_curve.json").read_text())
+    assert data["classes"] == ["daisy", "rose"] and (out / "fewshot_curve.png").is_file()
+    table = (out / "fewshot_curve.md").read_text()
+    assert "python bench/fewshot_curve.py" in table and "| method | 1-shot |" in table
+    for method in METHODS:
+        stat = data["summary"][method]["1"]
+        assert stat["n"] == 1 and 0.0 <= stat["mean"] <= 1.0
+        run = next(r for r in data["runs"] if r["method"] == method)
+        assert run["test_images"] == 10
+        line = next(l for l in table.splitlines() if l.startswith(f"| {fewshot_curve.METHOD_LABELS[method]} |"))
+        assert f"{stat['mean'] * 100:.1f}" in line
+
+
+def test_unknown_method_is_refused(tmp_path):
+    import base_to_new
+
+    with pytest.raises(SystemExit, match="unknown method"):
+        base_to_new.main(["--methods", "nope", "--out", str(tmp_path)])
