@@ -1,27 +1,45 @@
-"""Load test: N concurrent clients for T seconds against a running service on loopback.
+"""Load test: N concurrent clients for T seconds against the service on loopback; optionally against the raw
+onnxruntime session, and zero-shot against embed_image.
 
     .venv/bin/python bench/load.py --url http://127.0.0.1:3000 --concurrency 8 --seconds 20
+    .venv/bin/python bench/load.py --serve ART_DIR --concurrency 1 8 32 --compare-raw --zero-shot-check
 
-Each client posts real photos to /classify in a loop until the time is up (bounded: it stops by itself).
-Records errors, throughput, p50/p99 latency and the mean adaptive batch size of the image encoder
-(from the server's /metrics, before/after difference) in bench/results/load_c{N}_{time}.json and .md.
+Each client posts real photos (hymenoptera-val) to /classify (or --endpoint) in a loop until the time is up
+(bounded: it stops by itself).  Records errors, throughput, p50/p99 latency and the mean adaptive batch size of
+the image encoder (from the server's /metrics, before/after difference) in bench/results/load_c{N}_{time}.json/.md.
+
+--serve ART_DIR   start `bentoml serve` on a free loopback port itself (stopped afterwards), instead of --url.
+--compare-raw     per concurrency c, also the raw onnxruntime session in this process on the same artifact
+                  (needs --serve or --artifact): batches of c photos, decode + orthserve.preprocess + session.run,
+                  sequentially, same intra-op threads as the service's encoder; ratio service / raw.
+                  Target: >= 0.85x at concurrency >= 8.
+--zero-shot-check /classify with one repeated label set (cached after the first request) against /embed_image
+                  alone, same concurrency, alternating rounds. Target: at most 5% slower.
+Combined figures: bench/results/service_vs_raw.json, .md and .png.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import platform
 import re
+import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import httpx
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-PHOTOS = REPO.parent / "shared" / "data" / "hymenoptera-val"
+sys.path.insert(0, str(REPO))
+from server import PHOTOS, external, photo_paths, require_loopback, serve  # noqa: E402  (bench/ is sys.path[0])
+
 BATCH_RE = r'bentoml_service_adaptive_batch_size_{}\{{[^}}]*method_name="encode"[^}}]*\}} (\S+)'
+DEFAULT_LABELS = '["ant", "bee", "wasp", "fly", "butterfly", "flower", "leaf", "spider"]'
+TARGET_SERVICE_RATIO, TARGET_ZERO_SHOT_SLOWDOWN = 0.85, 0.05
 
 
 async def batch_counters(client: httpx.AsyncClient) -> tuple[float, float]:
@@ -30,16 +48,20 @@ async def batch_counters(client: httpx.AsyncClient) -> tuple[float, float]:
     return tuple(sum(float(v) for v in re.findall(BATCH_RE.format(k), text)) for k in ("sum", "count"))  # type: ignore
 
 
+async def post(client: httpx.AsyncClient, endpoint: str, data: bytes, labels: str | None) -> httpx.Response:
+    form = {"labels": labels} if labels else {}
+    return await client.post(endpoint, files={"image": ("photo.jpg", data, "image/jpeg")}, data=form)
+
+
 async def worker(client: httpx.AsyncClient, images: list[bytes], deadline: float, offset: int,
-                 latencies: list[float], errors: list[str], labels: str | None) -> None:
+                 latencies: list[float], errors: list[str], labels: str | None, endpoint: str = "/classify") -> None:
     i = offset
     while time.monotonic() < deadline:
         data = images[i % len(images)]
         i += 1
-        form = {"labels": labels} if labels else {}
         start = time.perf_counter()
         try:
-            r = await client.post("/classify", files={"image": ("photo.jpg", data, "image/jpeg")}, data=form)
+            r = await post(client, endpoint, data, labels)
             if r.status_code == 200:
                 latencies.append(time.perf_counter() - start)
             else:
@@ -48,38 +70,77 @@ async def worker(client: httpx.AsyncClient, images: list[bytes], deadline: float
             errors.append(f"{type(err).__name__}: {err}")
 
 
-async def run(url: str, concurrency: int, seconds: float, n_images: int, labels: str | None) -> dict:
-    images = [p.read_bytes() for p in sorted(PHOTOS.glob("*/*.jpg"))[:n_images]]
+def load_photos(n_images: int) -> list[bytes]:
+    images = [p.read_bytes() for p in photo_paths(n_images)]
     if not images:
         raise SystemExit(f"no photos under {PHOTOS}")
+    return images
+
+
+async def run(url: str, concurrency: int, seconds: float, n_images: int, labels: str | None,
+              endpoint: str = "/classify") -> dict:
+    images = load_photos(n_images)
     limits = httpx.Limits(max_connections=concurrency + 2)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
         if (await client.get("/readyz")).status_code != 200:
             raise SystemExit(f"{url} is not ready")
         model = (await client.get("/model")).json()
-        for data in images[:4]:  # warm the connection pool and the server
-            await client.post("/classify", files={"image": ("w.jpg", data, "image/jpeg")})
+        for data in images[:4]:  # warm the connection pool, the server and the label cache
+            await post(client, endpoint, data, labels)
         sum0, count0 = await batch_counters(client)
         latencies: list[float] = []
         errors: list[str] = []
         start = time.monotonic()
-        await asyncio.gather(*(worker(client, images, start + seconds, k * 7, latencies, errors, labels)
+        await asyncio.gather(*(worker(client, images, start + seconds, k * 7, latencies, errors, labels, endpoint)
                                for k in range(concurrency)))
         elapsed = time.monotonic() - start
         sum1, count1 = await batch_counters(client)
     lat_ms = np.asarray(latencies) * 1000 if latencies else np.asarray([np.nan])
     batches = count1 - count0
     return {
-        "url": url, "endpoint": "/classify", "labels": labels, "concurrency": concurrency, "seconds": round(elapsed, 2),
+        "url": url, "endpoint": endpoint, "labels": labels, "concurrency": concurrency, "seconds": round(elapsed, 2),
         "requests_ok": len(latencies), "errors": len(errors), "error_samples": sorted(set(errors))[:5],
         "throughput_rps": round(len(latencies) / elapsed, 2),
         "latency_ms": {"p50": round(float(np.percentile(lat_ms, 50)), 2), "p99": round(float(np.percentile(lat_ms, 99)), 2),
                        "mean": round(float(lat_ms.mean()), 2), "max": round(float(lat_ms.max()), 2)},
         "encoder_batches": int(batches), "mean_batch_size": round((sum1 - sum0) / batches, 3) if batches else None,
         "model": model.get("model"), "method": model.get("method"), "image_size": model.get("preprocess", {}).get("image_size"),
-        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+
+
+def raw_session(artifact_dir: Path, variant: str, concurrency: int, seconds: float, n_images: int) -> dict:
+    """In-process baseline: batches of ``concurrency`` photos, decode + preprocess + onnxruntime run."""
+    from orthserve.artifact import load_artifact, ort_session
+    from orthserve.preprocess import decode_image, preprocess
+
+    art = load_artifact(artifact_dir)
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if os.environ.get("ORTHSERVE_THREADS", "").strip():
+        threads = int(os.environ["ORTHSERVE_THREADS"])
+    session = ort_session(art.onnx_path("image", variant), variant, ["CPUExecutionProvider"], threads)
+    name = session.get_inputs()[0].name
+    images = load_photos(n_images)
+
+    def one_batch(i: int) -> None:
+        batch = [images[(i + k) % len(images)] for k in range(concurrency)]
+        pixels = np.stack([preprocess(decode_image(b), art.preprocess) for b in batch])
+        session.run(None, {name: pixels})
+
+    one_batch(0)  # warm-up
+    done, i, lat = 0, 0, []
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        t0 = time.perf_counter()
+        one_batch(i)
+        lat.append(time.perf_counter() - t0)
+        i += concurrency
+        done += concurrency
+    elapsed = time.monotonic() - start
+    return {"concurrency": concurrency, "variant": variant, "threads": threads, "images": done,
+            "seconds": round(elapsed, 2), "throughput_ips": round(done / elapsed, 2),
+            "batch_latency_ms_p50": round(float(np.percentile(np.asarray(lat) * 1000, 50)), 2)}
 
 
 def write(result: dict, out_dir: Path) -> Path:
@@ -87,8 +148,9 @@ def write(result: dict, out_dir: Path) -> Path:
     stem = out_dir / f"load_c{result['concurrency']}_{time.strftime('%Y%m%d-%H%M%S')}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lat = result["latency_ms"]
+    scale = f"\n**Scale: {result['scale']}.**\n" if result.get("scale") else ""
     stem.with_suffix(".md").write_text(
-        f"# Load test: {result['model']} ({result['method']}), concurrency {result['concurrency']}\n\n"
+        f"# Load test: {result['model']} ({result['method']}), concurrency {result['concurrency']}\n{scale}\n"
         f"| concurrency | seconds | ok | errors | throughput (req/s) | p50 ms | p99 ms | mean batch size |\n"
         f"|---|---|---|---|---|---|---|---|\n"
         f"| {result['concurrency']} | {result['seconds']} | {result['requests_ok']} | {result['errors']} | "
@@ -99,22 +161,151 @@ def write(result: dict, out_dir: Path) -> Path:
     return stem
 
 
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def write_summary(summary: dict, out_dir: Path) -> Path:
+    stem = out_dir / "service_vs_raw"
+    stem.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    lines = [f"# Service vs raw onnxruntime session: {summary['model']}", ""]
+    if summary["scale"] == "smoke":
+        lines += ["**SMOKE SCALE**: short durations on a shared, busy 2-core machine; proves the script works, "
+                  "the figures are not the product's performance. Full run: "
+                  f"`{summary['full_command']}`.", ""]
+    if summary["rows"]:
+        lines += ["| concurrency | service req/s | p50 ms | p99 ms | mean batch | errors | raw session img/s | "
+                  "service / raw | target | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for row in summary["rows"]:
+            s, raw = row["service"], row.get("raw")
+            ratio = row.get("ratio")
+            target = f">= {TARGET_SERVICE_RATIO}" if row["concurrency"] >= 8 else "-"
+            lines.append(f"| {row['concurrency']} | {s['throughput_rps']} | {s['latency_ms']['p50']} | "
+                         f"{s['latency_ms']['p99']} | {s['mean_batch_size']} | {s['errors']} | "
+                         f"{raw['throughput_ips'] if raw else '-'} | {ratio if ratio is not None else '-'} | {target} | "
+                         f"{row.get('verdict', '-')} |")
+        lines.append("")
+    if zs := summary.get("zero_shot"):
+        lines += ["## Zero-shot (repeated label set) vs /embed_image", "",
+                  f"| concurrency | /embed_image req/s | /classify + {zs['n_labels']} labels req/s | slowdown | target | verdict |",
+                  "|---|---|---|---|---|---|",
+                  f"| {zs['concurrency']} | {zs['embed_rps']} | {zs['zero_shot_rps']} | {zs['slowdown']:.1%} | "
+                  f"<= {TARGET_ZERO_SHOT_SLOWDOWN:.0%} | {zs['verdict']} |", ""]
+    lines += [f"Model {summary['model']}, image variant {summary['variant']}, {summary['machine']}; {summary['created']}.",
+              "Raw session: in this process, batches of `concurrency` photos decoded and preprocessed one after another "
+              "(orthserve.preprocess), then one `session.run` (orthserve.artifact.ort_session, same intra-op threads as "
+              "the service). Service: POST /classify over loopback HTTP (multipart upload, validation, adaptive "
+              "batching, ranking). The raw session and the service alternate per concurrency on the same machine."]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        if summary["rows"]:
+            conc = [r["concurrency"] for r in summary["rows"]]
+            x = np.arange(len(conc))
+            fig, ax = plt.subplots(figsize=(6, 3.5))
+            ax.bar(x - 0.2, [r["service"]["throughput_rps"] for r in summary["rows"]], 0.4, label="service (HTTP)")
+            if any(r.get("raw") for r in summary["rows"]):
+                ax.bar(x + 0.2, [r["raw"]["throughput_ips"] if r.get("raw") else 0 for r in summary["rows"]], 0.4,
+                       label="raw onnxruntime session")
+            ax.set_xticks(x, [str(c) for c in conc])
+            ax.set(xlabel="concurrency", ylabel="images / s",
+                   title=f"{summary['model']}: service vs raw" + (" (SMOKE SCALE)" if summary["scale"] == "smoke" else ""))
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(stem.with_suffix(".png"), dpi=100)
+            plt.close(fig)
+    except Exception as err:  # noqa: BLE001 - the chart is optional
+        print(f"chart not written: {err}")
+    return stem
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default="http://127.0.0.1:3000")
-    parser.add_argument("--concurrency", "-c", type=int, default=8)
-    parser.add_argument("--seconds", "-t", type=float, default=20.0)
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--url", default=None, help="a running service (loopback only); default http://127.0.0.1:3000")
+    where.add_argument("--serve", metavar="ART_DIR", type=Path, help="start `bentoml serve` on this artifact itself")
+    parser.add_argument("--artifact", type=Path, help="with --url and --compare-raw: the artifact the server runs")
+    parser.add_argument("--concurrency", "-c", type=int, nargs="+", default=[8])
+    parser.add_argument("--seconds", "-t", type=float, default=None, help="per measurement (default 20, --smoke 5)")
     parser.add_argument("--images", type=int, default=32, help="distinct photos to cycle through")
+    parser.add_argument("--endpoint", default="/classify", choices=["/classify", "/embed_image"])
     parser.add_argument("--labels", help='zero-shot labels as a JSON list, e.g. \'["ant", "bee"]\'')
+    parser.add_argument("--variant", default="fp32", choices=["fp32", "int8"],
+                        help="image variant (with --serve it is passed to the server as ORTHSERVE_VARIANT)")
+    parser.add_argument("--compare-raw", action="store_true", help="also the raw onnxruntime session, in process")
+    parser.add_argument("--zero-shot-check", action="store_true", help="/classify + repeated labels vs /embed_image")
+    parser.add_argument("--zero-shot-labels", default=DEFAULT_LABELS)
+    parser.add_argument("--smoke", action="store_true", help="short run, results labelled smoke-scale")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
-    if not args.url.startswith(("http://127.", "http://localhost", "http://[::1]")):
-        raise SystemExit("load tests run on loopback only")
-    result = asyncio.run(run(args.url, args.concurrency, args.seconds, args.images, args.labels))
-    stem = write(result, args.out)
-    print(json.dumps({k: result[k] for k in ("concurrency", "requests_ok", "errors", "throughput_rps",
-                                             "latency_ms", "mean_batch_size")}))
-    print(f"wrote {stem}.json and .md")
+    seconds = args.seconds or (5.0 if args.smoke else 20.0)
+    artifact = args.serve or args.artifact
+    if args.compare_raw and artifact is None:
+        parser.error("--compare-raw needs --serve ART_DIR or --artifact ART_DIR")
+    scale = "smoke" if args.smoke else "full"
+    log = args.out / "logs" / f"load_serve_{time.strftime('%Y%m%d-%H%M%S')}.log"
+    context = (serve(args.serve, log, {"ORTHSERVE_VARIANT": args.variant}) if args.serve
+               else external(require_loopback(args.url or "http://127.0.0.1:3000")))
+    rows, zero_shot = [], None
+    with context as server:
+        for c in args.concurrency:
+            row: dict = {"concurrency": c}
+            if args.compare_raw:
+                row["raw"] = raw_session(artifact, args.variant, c, seconds, args.images)
+                print(json.dumps({"raw": row["raw"]}))
+            result = asyncio.run(run(server.url, c, seconds, args.images, args.labels, args.endpoint))
+            result["scale"] = scale
+            stem = write(result, args.out)
+            print(json.dumps({k: result[k] for k in ("concurrency", "requests_ok", "errors", "throughput_rps",
+                                                     "latency_ms", "mean_batch_size")}))
+            print(f"wrote {stem}.json and .md")
+            row["service"] = result
+            if "raw" in row:
+                row["ratio"] = round(result["throughput_rps"] / row["raw"]["throughput_ips"], 3)
+                if c >= 8:
+                    row["verdict"] = verdict(row["ratio"] >= TARGET_SERVICE_RATIO and result["errors"] == 0)
+            rows.append(row)
+        if args.zero_shot_check:
+            c = max(args.concurrency)
+            embed, zs = [], []
+            for _ in range(2):  # alternate, so drift on a shared machine hits both alike
+                embed.append(asyncio.run(run(server.url, c, seconds / 2, args.images, None, "/embed_image")))
+                zs.append(asyncio.run(run(server.url, c, seconds / 2, args.images, args.zero_shot_labels, "/classify")))
+            e_rps = sum(r["requests_ok"] for r in embed) / sum(r["seconds"] for r in embed)
+            z_rps = sum(r["requests_ok"] for r in zs) / sum(r["seconds"] for r in zs)
+            slowdown = 1 - z_rps / e_rps
+            zero_shot = {"concurrency": c, "n_labels": len(json.loads(args.zero_shot_labels)),
+                         "labels": json.loads(args.zero_shot_labels), "embed_rps": round(e_rps, 2),
+                         "zero_shot_rps": round(z_rps, 2), "slowdown": round(slowdown, 4),
+                         "errors": sum(r["errors"] for r in embed + zs),
+                         "verdict": verdict(slowdown <= TARGET_ZERO_SHOT_SLOWDOWN and
+                                            sum(r["errors"] for r in embed + zs) == 0),
+                         "runs": {"embed_image": embed, "classify_zero_shot": zs}}
+            print(json.dumps({k: v for k, v in zero_shot.items() if k != "runs"}))
+    if args.compare_raw or args.zero_shot_check:
+        model = rows[0]["service"]["model"] if rows else (zero_shot or {}).get("runs", {}).get("embed_image", [{}])[0].get("model")
+        summary = {"scale": scale, "model": model, "variant": args.variant, "seconds_per_measurement": seconds,
+                   "rows": rows, "zero_shot": zero_shot,
+                   "targets": {"service_over_raw_at_c>=8": TARGET_SERVICE_RATIO,
+                               "zero_shot_max_slowdown": TARGET_ZERO_SHOT_SLOWDOWN},
+                   "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+                   "load_average": os.getloadavg(),
+                   "full_command": "nice -n 5 .venv/bin/python bench/load.py --serve ART_DIR -c 1 8 32 --compare-raw "
+                                   "--zero-shot-check",
+                   "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        stem = write_summary(summary, args.out)
+        for row in rows:
+            if "verdict" in row:
+                print(f"{row['verdict']}: service/raw at concurrency {row['concurrency']} = {row['ratio']} "
+                      f"(target >= {TARGET_SERVICE_RATIO})")
+        if zero_shot:
+            print(f"{zero_shot['verdict']}: zero-shot slowdown {zero_shot['slowdown']:.1%} "
+                  f"(target <= {TARGET_ZERO_SHOT_SLOWDOWN:.0%})")
+        print(f"wrote {stem}.json, .md and .png")
 
 
 if __name__ == "__main__":

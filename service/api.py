@@ -21,7 +21,8 @@ def prepare_images(paths: list[Path], spec: PreprocessSpec, limits: Limits) -> n
     if len(paths) > limits.max_images:
         raise RequestError(f"too many images: {len(paths)}, the limit is {limits.max_images}")
     single = len(paths) == 1
-    return np.stack([preprocess(read_image(p, limits, None if single else i), spec) for i, p in enumerate(paths)])
+    return np.stack([preprocess(read_image(p, limits, None if single else i, spec.image_size), spec)
+                     for i, p in enumerate(paths)])
 
 
 async def call_encoder(encoder, pixels: np.ndarray, attempts: int = 3) -> np.ndarray:

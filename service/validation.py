@@ -103,13 +103,23 @@ def check_top_k(top_k: int | None, n_classes: int) -> int:
     return top_k
 
 
-def read_image(path: Path, limits: Limits, index: int | None = None):
-    """An uploaded file -> RGB Pillow image, or a 400 naming which upload is bad."""
+def read_image(path: Path, limits: Limits, index: int | None = None, image_size: int | None = None):
+    """An uploaded file -> RGB Pillow image, or a 400 naming which upload is bad.
+
+    With ``image_size``, also refuses images whose aspect ratio would make preprocessing's first step (shorter
+    side resized to ``image_size``) exceed ``max_pixels``: a 200-byte 1x40000 PNG resizes to 224 x 8,960,000."""
     where = "image" if index is None else f"images[{index}]"
     try:
-        return decode_image(Path(path).read_bytes(), limits.max_pixels)
+        image = decode_image(Path(path).read_bytes(), limits.max_pixels)
     except ImageDecodeError as err:
         raise RequestError(f"{where}: {err}") from err
+    if image_size:
+        width, height = image.size
+        resized = image_size * int(image_size * max(width, height) / max(min(width, height), 1))
+        if resized > limits.max_pixels:
+            raise RequestError(f"{where}: image is {width}x{height} pixels, too elongated: resizing its shorter side to "
+                               f"{image_size} would make {resized} pixels, above the limit of {limits.max_pixels}")
+    return image
 
 
 def check_form_options(form) -> JSONResponse | None:
@@ -120,7 +130,7 @@ def check_form_options(form) -> JSONResponse | None:
     if labels:
         try:
             value = json.loads(labels[0]) if isinstance(labels[0], str) else None
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's recursion limit
             value = None
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             return error_response('labels must be a JSON list of strings, e.g. labels=["cat", "dog"]', 400)
@@ -185,6 +195,8 @@ class RequestGuard:
                 json.loads(body or b"null")
             except ValueError as err:
                 return error_response(f"request body is not valid JSON: {err}", 400)
+            except RecursionError:  # e.g. [[[[...]]]] 100,000 deep: was an unhandled 500
+                return error_response("request body is not valid JSON: nested too deeply", 400)
             return None
         if media != "multipart/form-data":
             return error_response(f"{path} takes multipart/form-data with the image as a file field "
