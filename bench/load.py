@@ -247,7 +247,9 @@ def main() -> None:
     if args.compare_raw and artifact is None:
         parser.error("--compare-raw needs --serve ART_DIR or --artifact ART_DIR")
     scale = "smoke" if args.smoke else "full"
-    log = args.out / "logs" / f"load_serve_{time.strftime('%Y%m%d-%H%M%S')}.log"
+    import tempfile
+
+    log = Path(tempfile.mkdtemp(prefix="orthserve-load-")) / "serve.log"  # and a private BENTOML_HOME beside it
     context = (serve(args.serve, log, {"ORTHSERVE_VARIANT": args.variant}) if args.serve
                else external(require_loopback(args.url or "http://127.0.0.1:3000")))
     rows, zero_shot = [], None

@@ -1,0 +1,413 @@
+"""Inference paths of the same model side by side, in one run, on real photos; against the CPU's matmul rate.
+
+    nice -n 5 .venv/bin/python bench/inference.py            # full: ViT-B-32 (random weights) + orthserve-mini
+    nice -n 5 .venv/bin/python bench/inference.py --smoke    # orthserve-tiny + orthserve-mini, short timings
+
+Per model (built with the same seed each time, so every copy has the same weights):
+  pytorch-base      the plain open_clip model, no adapters
+  pytorch-unfolded  OrthogonalConfig() + LoRAConfig() injected, adapter parameters perturbed (so the adapters are
+                    not the identity), left as parametrizations: the eager training-time graph
+  pytorch-folded    the same adapted model after export folded it (export_artifact folds its source in place)
+  ort-fp32          the exported image.onnx (export verified it against the unfolded model)
+  ort-int8          the exported image.int8.onnx (dynamic quantization)
+Images/second of the image tower (embeddings, L2-normalized) at each batch size, on photos from
+../shared/data/hymenoptera-val preprocessed with orthserve.preprocess.  The paths run interleaved, in rounds,
+so drift on a shared machine hits all of them alike; the figure is the median over rounds.
+
+Hardware limit: this CPU's fp32 matmul rate (torch, n x n), and each model's images/s at that rate from its
+FLOP count (torch.utils.flop_counter, one 224 px image of ViT-B-32 is about 8.8 GFLOP).
+int8 fidelity: cosine of int8 to fp32 image embeddings and top-1 agreement (int8 towers end to end against fp32
+towers) on all the real photos, with two label sets (ants/bees, and Tiny-ImageNet's 202 class names).
+Targets (issue 7): folded >= 0.98x base; int8 >= 1.8x fp32; int8 cosine >= 0.99 and top-1 agreement >= 99%
+(orthserve-mini).  Results: bench/results/inference.json, .md, .png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from server import PHOTOS, photo_paths  # noqa: E402  (bench/ is sys.path[0])
+
+DATA = REPO.parent / "shared" / "data"
+PATHS = ("pytorch-base", "pytorch-unfolded", "pytorch-folded", "ort-fp32", "ort-int8")
+VIT_B32_GFLOP = 8.8
+TARGETS = {"folded_over_base": 0.98, "int8_over_fp32": 1.8, "int8_cosine": 0.99, "int8_top1_agreement": 0.99}
+FULL_COMMAND = "nice -n 5 .venv/bin/python bench/inference.py"
+
+
+def threads_available() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def matmul_rate(n: int, repeats: int) -> dict:
+    """fp32 GFLOP/s of an n x n matmul with torch (best of ``repeats``, after one warm-up)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    flop = 2.0 * n ** 3
+    return {"n": n, "repeats": repeats, "threads": torch.get_num_threads(), "seconds": times,
+            "gflops_best": flop / min(times) / 1e9, "gflops_median": flop / statistics.median(times) / 1e9}
+
+
+def image_gflop(model: torch.nn.Module, size: int) -> float:
+    """FLOPs of one image through the image tower (matmuls, convs, attention), in GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.encode_image(torch.zeros(1, 3, size, size))
+    return counter.get_total_flops() / 1e9
+
+
+def pretrained_for(name: str) -> str:
+    if name == "orthserve-mini":
+        from orthserve.mini import WEIGHTS
+
+        return "default" if WEIGHTS.is_file() else "none"
+    return "none"
+
+
+def build(name: str, pretrained: str, adapted: bool, perturb: float):
+    """The model, seeded so every copy is the same; with ``adapted``: Orthogonal + LoRA, perturbed adapters."""
+    import orthserve
+    from orthserve import LoRAConfig, OrthogonalConfig
+
+    torch.manual_seed(0)
+    model, _, tokenizer = orthserve.load_model(name, pretrained)
+    model.eval()
+    configs = []
+    if adapted:
+        configs = [OrthogonalConfig(), LoRAConfig()]
+        for config in configs:
+            orthserve.inject(model, config)
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for param in orthserve.adapter_parameters(model).values():
+                param.add_(torch.randn(param.shape, generator=gen) * perturb)
+    return model, tokenizer, configs
+
+
+def torch_runner(model: torch.nn.Module):
+    def run(pixels: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return F.normalize(model.encode_image(torch.from_numpy(pixels)), dim=-1).numpy()
+    return run
+
+
+def ort_runner(path: Path, variant: str, threads: int):
+    from orthserve.artifact import ort_session
+
+    session = ort_session(path, variant, ["CPUExecutionProvider"], threads)
+    name = session.get_inputs()[0].name
+    return lambda pixels: session.run(None, {name: pixels})[0]
+
+
+def time_path(run, pixels: np.ndarray, seconds: float, min_iters: int) -> float:
+    """Images/second: repeat ``run(pixels)`` for at least ``seconds`` and ``min_iters`` calls."""
+    iters, start = 0, time.perf_counter()
+    while iters < min_iters or time.perf_counter() - start < seconds:
+        run(pixels)
+        iters += 1
+    return len(pixels) * iters / (time.perf_counter() - start)
+
+
+def class_embeddings(text_run, art, labels: list[str], template: str = "a photo of {}.") -> np.ndarray:
+    emb = np.concatenate([text_run(art.tokenize([template.format(l) for l in labels[i:i + 64]]))
+                          for i in range(0, len(labels), 64)])
+    return emb / np.linalg.norm(emb, axis=1, keepdims=True)
+
+
+def tiny_imagenet_names() -> list[str]:
+    path = DATA / "tiny-imagenet" / "classnames.txt"
+    if not path.is_file():
+        return []
+    names = [line.split(" ", 1)[1].strip() for line in path.read_text().splitlines() if " " in line]
+    return list(dict.fromkeys(names))
+
+
+def int8_fidelity(art, threads: int, paths: list[Path]) -> dict:
+    """int8 against fp32 on real photos: image cosine; top-1 agreement end to end (int8 towers vs fp32 towers)."""
+    from orthserve.preprocess import load_images
+
+    pixels = load_images([str(p) for p in paths], art.preprocess)
+    img = {v: np.concatenate([ort_runner(art.onnx_path("image", v), v, threads)(pixels[i:i + 32])
+                              for i in range(0, len(pixels), 32)]) for v in ("fp32", "int8")}
+    text = {v: ort_runner(art.onnx_path("text", v), v, threads) for v in ("fp32", "int8")}
+    cos = (img["fp32"] * img["int8"]).sum(1) / (np.linalg.norm(img["fp32"], axis=1) * np.linalg.norm(img["int8"], axis=1))
+    out = {"images": len(paths), "image_cosine_mean": float(cos.mean()), "image_cosine_min": float(cos.min()),
+           "label_sets": {}}
+    for set_name, labels in (("hymenoptera (ants, bees)", ["ants", "bees"]), ("tiny-imagenet 202 names", tiny_imagenet_names())):
+        if not labels:
+            continue
+        cls = {v: class_embeddings(text[v], art, labels) for v in ("fp32", "int8")}
+        top_fp32 = (img["fp32"] @ cls["fp32"].T).argmax(1)
+        out["label_sets"][set_name] = {
+            "classes": len(labels),
+            "top1_agreement_end_to_end": float(np.mean((img["int8"] @ cls["int8"].T).argmax(1) == top_fp32)),
+            "top1_agreement_image_only": float(np.mean((img["int8"] @ cls["fp32"].T).argmax(1) == top_fp32)),
+            "class_embedding_cosine_min": float((cls["fp32"] * cls["int8"]).sum(1).min()),
+        }
+    return out
+
+
+def bench_model(name: str, args, threads: int, photos: list[Path], workdir: Path) -> dict:
+    import export
+    from orthserve.artifact import load_artifact
+    from orthserve.preprocess import PreprocessSpec, load_images
+
+    pretrained = pretrained_for(name)
+    t0 = time.perf_counter()
+    base, _, _ = build(name, pretrained, adapted=False, perturb=args.perturb)
+    unfolded, _, _ = build(name, pretrained, adapted=True, perturb=args.perturb)
+    to_fold, tokenizer, configs = build(name, pretrained, adapted=True, perturb=args.perturb)
+    spec = PreprocessSpec.from_model(base)
+    source = export.Source(model=to_fold, tokenizer=tokenizer, classifier=None, name=name, pretrained=pretrained,
+                           method="bench:orthogonal+lora", adapters=[c.to_dict() for c in configs], preprocess=spec)
+    out = workdir / f"{name}-artifact"
+    manifest = export.export_artifact(source, out, ["int8"], images_dir=PHOTOS, tolerance=args.tolerance)
+    export_s = time.perf_counter() - t0
+    art = load_artifact(out)
+    parity = json.loads((out / "parity.json").read_text())
+    folded = source.model  # folded in place by the export
+    pixels_all = load_images([str(p) for p in photos[:max(args.batches)]], spec)
+
+    runners = {"pytorch-base": torch_runner(base), "pytorch-unfolded": torch_runner(unfolded),
+               "pytorch-folded": torch_runner(folded),
+               "ort-fp32": ort_runner(art.onnx_path("image", "fp32"), "fp32", threads),
+               "ort-int8": ort_runner(art.onnx_path("image", "int8"), "int8", threads)}
+    probe = pixels_all[:8]
+    ref = runners["pytorch-unfolded"](probe)
+    checks = {path: float(np.abs(runners[path](probe) - ref).max()) for path in PATHS}
+    rates: dict[str, dict[int, list[float]]] = {p: {b: [] for b in args.batches} for p in PATHS}
+    for b in args.batches:  # warm-up: one call per path and batch size
+        for path in PATHS:
+            runners[path](pixels_all[:b])
+    for r in range(args.rounds):
+        for b in args.batches:
+            order = PATHS[r % len(PATHS):] + PATHS[:r % len(PATHS)]  # rotate who goes first
+            for path in order:
+                rates[path][b].append(time_path(runners[path], pixels_all[:b], args.seconds, args.min_iters))
+        print(f"  {name}: round {r + 1}/{args.rounds} done", flush=True)
+    ips = {p: {str(b): round(statistics.median(v), 2) for b, v in d.items()} for p, d in rates.items()}
+    gflop = image_gflop(base, spec.image_size)
+    fidelity = int8_fidelity(art, threads, photos[:args.accuracy_images])
+    return {"model": name, "pretrained": pretrained, "image_size": spec.image_size,
+            "adapters": [c.to_dict() for c in configs], "perturb_std": args.perturb,
+            "image_gflop_per_image": round(gflop, 4), "export_seconds": round(export_s, 1),
+            "export_parity": {k: parity[k] for k in ("image", "tolerance")},
+            "max_abs_diff_vs_unfolded_on_8_photos": checks,
+            "images_per_s": ips, "images_per_s_all_rounds": {p: {str(b): [round(x, 2) for x in v] for b, v in d.items()}
+                                                             for p, d in rates.items()},
+            "int8_fidelity": fidelity, "embed_dim": manifest["embed_dim"]}
+
+
+def ratios_and_verdicts(result: dict, batches: list[int]) -> tuple[dict, list[dict]]:
+    ips = result["images_per_s"]
+    ratios: dict[str, dict[str, float]] = {"folded_over_base": {}, "unfolded_over_base": {}, "ort_fp32_over_folded": {},
+                                           "int8_over_fp32": {}}
+    verdicts = []
+    for b in map(str, batches):
+        ratios["folded_over_base"][b] = round(ips["pytorch-folded"][b] / ips["pytorch-base"][b], 3)
+        ratios["unfolded_over_base"][b] = round(ips["pytorch-unfolded"][b] / ips["pytorch-base"][b], 3)
+        ratios["ort_fp32_over_folded"][b] = round(ips["ort-fp32"][b] / ips["pytorch-folded"][b], 3)
+        ratios["int8_over_fp32"][b] = round(ips["ort-int8"][b] / ips["ort-fp32"][b], 3)
+        for key in ("folded_over_base", "int8_over_fp32"):
+            verdicts.append({"model": result["model"], "target": f"{key} >= {TARGETS[key]}", "batch": int(b),
+                             "value": ratios[key][b], "pass": ratios[key][b] >= TARGETS[key]})
+    if result["model"] == "orthserve-mini":
+        fid = result["int8_fidelity"]
+        verdicts.append({"model": result["model"], "target": f"int8 image cosine (mean) >= {TARGETS['int8_cosine']}",
+                         "value": round(fid["image_cosine_mean"], 5), "pass": fid["image_cosine_mean"] >= TARGETS["int8_cosine"],
+                         "note": f"min over images {fid['image_cosine_min']:.5f}"})
+        for set_name, figures in fid["label_sets"].items():
+            value = figures["top1_agreement_end_to_end"]
+            verdicts.append({"model": result["model"], "target": f"int8 top-1 agreement >= {TARGETS['int8_top1_agreement']:.0%} "
+                             f"({set_name})", "value": round(value, 4), "pass": value >= TARGETS["int8_top1_agreement"]})
+    return ratios, verdicts
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    batches = report["batches"]
+    hw = report["hardware"]
+    lines = ["# Inference paths side by side (image tower, CPU)", ""]
+    if report["scale"] == "smoke":
+        lines += [f"**SMOKE SCALE**: {', '.join(report['models'])}, {report['seconds_per_measurement']} s per measurement, "
+                  f"{report['rounds']} rounds, on a shared 2-core machine that was also running a pretraining job "
+                  f"(load average {report['load_average'][0]:.1f} at the start). It proves the script works; the "
+                  f"figures are not the product's performance and the verdicts below are not the issue's verdicts. "
+                  f"Full run: `{FULL_COMMAND}`.", ""]
+    lines += [f"Hardware: {hw['cpu']}, {report['threads']} threads (torch and onnxruntime alike). fp32 matmul "
+              f"{hw['matmul']['n']}x{hw['matmul']['n']}: **{hw['matmul']['gflops_best']:.1f} GFLOP/s** (best of "
+              f"{hw['matmul']['repeats']}; median {hw['matmul']['gflops_median']:.1f}).", ""]
+    lines += ["| model | path | " + " | ".join(f"batch {b} img/s" for b in batches) + " |",
+              "|---|---|" + "---|" * len(batches)]
+    for res in report["results"]:
+        for p in PATHS:
+            lines.append(f"| {res['model']} | {p} | " + " | ".join(f"{res['images_per_s'][p][str(b)]:.1f}" for b in batches) + " |")
+    lines += ["", "## Against the hardware limit", "",
+              "| model | GFLOP / image (counted) | img/s at the matmul rate | best measured img/s (path, batch) | fraction |",
+              "|---|---|---|---|---|"]
+    for res in report["results"]:
+        roof = res["roofline"]
+        lines.append(f"| {res['model']} ({res['image_size']} px) | {res['image_gflop_per_image']:.3f} | {roof['images_per_s']:.1f} | "
+                     f"{roof['best_measured']:.1f} ({roof['best_path']}, {roof['best_batch']}) | {roof['fraction']:.1%} |")
+    if "vit_b32_at_8.8_gflop" in hw:
+        lines += ["", f"ViT-B-32 at the issue's 8.8 GFLOP per 224 px image: **{hw['vit_b32_at_8.8_gflop']:.1f} img/s** at "
+                  f"{hw['matmul']['gflops_best']:.1f} GFLOP/s"
+                  + (f"; measured (best path): {hw['vit_b32_measured_best']:.1f} img/s." if "vit_b32_measured_best" in hw
+                     else " (ViT-B-32 not measured in this run).")]
+    lines += ["", "## Ratios", "", "| model | ratio | " + " | ".join(f"batch {b}" for b in batches) + " |",
+              "|---|---|" + "---|" * len(batches)]
+    for res in report["results"]:
+        for key, row in res["ratios"].items():
+            lines.append(f"| {res['model']} | {key} | " + " | ".join(f"{row[str(b)]:.3f}" for b in batches) + " |")
+    lines += ["", "## int8 fidelity on real photos", "",
+              "| model | images | image cosine mean / min | label set | top-1 agreement (int8 towers vs fp32) | image tower only |",
+              "|---|---|---|---|---|---|"]
+    for res in report["results"]:
+        fid = res["int8_fidelity"]
+        for set_name, f in fid["label_sets"].items():
+            lines.append(f"| {res['model']} ({res['pretrained']}) | {fid['images']} | {fid['image_cosine_mean']:.5f} / "
+                         f"{fid['image_cosine_min']:.5f} | {set_name} | {f['top1_agreement_end_to_end']:.2%} | "
+                         f"{f['top1_agreement_image_only']:.2%} |")
+    lines += ["", "## Targets" + (" (smoke scale: indicative only)" if report["scale"] == "smoke" else ""), "",
+              "| model | target | batch | value | verdict |", "|---|---|---|---|---|"]
+    for v in report["verdicts"]:
+        lines.append(f"| {v['model']} | {v['target']} | {v.get('batch', '-')} | {v['value']} | "
+                     f"{'PASS' if v['pass'] else 'FAIL'}{' (' + v['note'] + ')' if v.get('note') else ''} |")
+    lines += ["", "Notes:", "- Paths: " + "; ".join(f"`{p}`" for p in PATHS) + ". Adapters: OrthogonalConfig() (both FFN "
+              "linears, 4 blocks) + LoRAConfig() (q/k/v), parameters perturbed with N(0, "
+              f"{report['results'][0]['perturb_std'] if report['results'] else ''}^2). Folded = after "
+              "export folded the adapted model; the ONNX graphs are that folded model, verified by the export against the "
+              "unfolded one (parity in the JSON).",
+              "- Each figure: median over rounds of images/s, paths interleaved and rotated per round, "
+              "images from hymenoptera-val preprocessed once with orthserve.preprocess (preprocessing is not timed "
+              "here; see preprocess_cost.md).",
+              "- Random weights where `pretrained` is none: speed does not depend on the weights; the int8 agreement "
+              "figures of a random image tower measure quantization fidelity, not accuracy.",
+              f"- {report['created']}; {report['machine']}."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_chart(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
+    batches = report["batches"]
+    width = 0.8 / len(PATHS)
+    for ax, res in zip(axes[0], results):
+        x = np.arange(len(batches))
+        for i, p in enumerate(PATHS):
+            ax.bar(x + (i - len(PATHS) / 2 + 0.5) * width, [res["images_per_s"][p][str(b)] for b in batches], width, label=p)
+        ax.axhline(res["roofline"]["images_per_s"], color="k", ls="--", lw=1, label="matmul-rate limit")
+        ax.set_xticks(x, [f"batch {b}" for b in batches])
+        ax.set_yscale("log")
+        ax.set(ylabel="images / s", title=f"{res['model']} ({res['image_size']} px)")
+        ax.legend(fontsize=7)
+    if report["scale"] == "smoke":
+        fig.suptitle("SMOKE SCALE (shared busy 2-core machine; not the product's performance)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=None, help="default: ViT-B-32 orthserve-mini (--smoke: orthserve-tiny orthserve-mini)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--seconds", type=float, default=None, help="per path, batch and round (default 3, --smoke 0.3)")
+    parser.add_argument("--rounds", type=int, default=None, help="default 3 (--smoke 2)")
+    parser.add_argument("--min-iters", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch and onnxruntime intra-op threads (default: all CPUs)")
+    parser.add_argument("--matmul-n", type=int, default=4096)
+    parser.add_argument("--matmul-repeats", type=int, default=None, help="default 5 (--smoke 2)")
+    parser.add_argument("--accuracy-images", type=int, default=None, help="photos for int8 fidelity (default: all)")
+    parser.add_argument("--perturb", type=float, default=0.01, help="std of the noise added to adapter parameters")
+    parser.add_argument("--tolerance", type=float, default=1e-3, help="export verification tolerance (max abs diff)")
+    parser.add_argument("--smoke", action="store_true", help="small models, short timings; results labelled smoke-scale")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args()
+    args.models = args.models or (["orthserve-tiny", "orthserve-mini"] if args.smoke else ["ViT-B-32", "orthserve-mini"])
+    args.seconds = args.seconds if args.seconds is not None else (0.3 if args.smoke else 3.0)
+    args.rounds = args.rounds or (2 if args.smoke else 3)
+    args.matmul_repeats = args.matmul_repeats or (2 if args.smoke else 5)
+    threads = args.threads or threads_available()
+    if threads != torch.get_num_threads():
+        # only when it changes anything: on this torch/MKL build, calling torch.set_num_threads (even with the
+        # current count) makes the batched torch.linalg.solve of the Cayley transform fail in MKL's SLASWP and hang
+        torch.set_num_threads(threads)
+    photos = photo_paths()
+    if len(photos) < max(args.batches):
+        photos = (photos * (max(args.batches) // len(photos) + 1))
+    args.accuracy_images = args.accuracy_images or len(photo_paths())
+    load0 = os.getloadavg()
+    print(f"matmul {args.matmul_n}x{args.matmul_n} fp32 ({threads} threads) ...", flush=True)
+    mm = matmul_rate(args.matmul_n, args.matmul_repeats)
+    print(f"  {mm['gflops_best']:.1f} GFLOP/s", flush=True)
+    results, verdicts = [], []
+    with tempfile.TemporaryDirectory(prefix="orthserve-bench-") as tmp:
+        for name in args.models:
+            print(f"{name}: building, exporting, timing ...", flush=True)
+            res = bench_model(name, args, threads, photos, Path(tmp))
+            res["ratios"], v = ratios_and_verdicts(res, args.batches)
+            best_path, best_batch = max(((p, b) for p in PATHS for b in args.batches),
+                                        key=lambda pb: res["images_per_s"][pb[0]][str(pb[1])])
+            roof = mm["gflops_best"] / res["image_gflop_per_image"]
+            best = res["images_per_s"][best_path][str(best_batch)]
+            res["roofline"] = {"images_per_s": round(roof, 2), "best_measured": best, "best_path": best_path,
+                               "best_batch": best_batch, "fraction": best / roof}
+            results.append(res)
+            verdicts += v
+    hardware = {"cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "matmul": mm,
+                "vit_b32_at_8.8_gflop": round(mm["gflops_best"] / VIT_B32_GFLOP, 2)}
+    for res in results:
+        if res["model"] == "ViT-B-32":
+            hardware["vit_b32_measured_best"] = res["roofline"]["best_measured"]
+    report = {"scale": "smoke" if args.smoke else "full", "models": args.models, "batches": args.batches,
+              "seconds_per_measurement": args.seconds, "rounds": args.rounds, "threads": threads,
+              "hardware": hardware, "results": results, "verdicts": verdicts, "targets": TARGETS,
+              "load_average": load0, "load_average_end": os.getloadavg(),
+              "machine": f"{platform.platform()}, python {platform.python_version()}, torch {torch.__version__}",
+              "command": " ".join(sys.argv), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "inference.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_markdown(report, args.out / "inference.md")
+    write_chart(report, args.out / "inference.png")
+    print(f"\nimages/s (median of {args.rounds} rounds){' [SMOKE SCALE]' if args.smoke else ''}:")
+    for res in results:
+        for p in PATHS:
+            print(f"  {res['model']:16s} {p:17s} " + "  ".join(f"b{b}: {res['images_per_s'][p][str(b)]:8.1f}" for b in args.batches))
+    print(f"matmul {mm['gflops_best']:.1f} GFLOP/s -> ViT-B-32 limit {hardware['vit_b32_at_8.8_gflop']:.1f} img/s at 8.8 GFLOP"
+          + (f"; measured best {hardware['vit_b32_measured_best']:.1f}" if "vit_b32_measured_best" in hardware else ""))
+    for v in verdicts:
+        print(f"{'PASS' if v['pass'] else 'FAIL'}: {v['model']} {v['target']}"
+              + (f" at batch {v['batch']}" if "batch" in v else "") + f": {v['value']}")
+    print(f"wrote {args.out / 'inference.json'}, .md, .png")
+
+
+if __name__ == "__main__":
+    main()

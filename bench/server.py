@@ -1,0 +1,118 @@
+"""Shared by the bench scripts: start `bentoml serve service.service:Classifier` on a free loopback port,
+wait until /readyz, stop it (process group) afterwards; loopback URL checks; server memory via psutil.
+
+    with serve(artifact_dir, log_path) as server:   # server.url, server.pid
+        ...
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+PHOTOS = REPO.parent / "shared" / "data" / "hymenoptera-val"
+LOOPBACK_PREFIXES = ("http://127.", "http://localhost", "http://[::1]")
+
+
+def require_loopback(url: str) -> str:
+    if not url.startswith(LOOPBACK_PREFIXES):
+        raise SystemExit(f"{url}: these benchmarks run against loopback addresses only")
+    return url.rstrip("/")
+
+
+def photo_paths(limit: int | None = None) -> list[Path]:
+    """Real photos of both classes, interleaved (ants, bees, ants, ...), deterministic."""
+    ants, bees = sorted((PHOTOS / "ants").glob("*.jpg")), sorted((PHOTOS / "bees").glob("*.jpg"))
+    paths = [p for pair in zip(ants, bees) for p in pair] + ants[len(bees):] + bees[len(ants):]
+    if not paths:
+        raise SystemExit(f"no photos under {PHOTOS}")
+    return paths[:limit] if limit else paths
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    pid: int | None          # the `bentoml serve` process (None: an external --url)
+    log: Path | None
+
+    def rss_bytes(self) -> int | None:
+        """Resident memory of the server process and all its children (BentoML workers), summed."""
+        if self.pid is None:
+            return None
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return None
+        total = 0
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                total += proc.memory_info().rss
+        return total
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log and self.log.is_file() else ""
+
+
+@contextlib.contextmanager
+def serve(artifact: str | Path, log_path: Path, env: dict[str, str] | None = None,
+          ready_timeout: float = 240) -> Iterator[Server]:
+    """`bentoml serve` on 127.0.0.1:<free port> with ORTHSERVE_MODEL=artifact, a private BENTOML_HOME;
+    stopped (SIGTERM, then SIGKILL) on exit."""
+    port = free_port()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    home = log_path.parent / f"bentoml_home_{port}"
+    full_env = {**os.environ, "ORTHSERVE_MODEL": str(artifact), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                "BENTOML_HOME": str(home), **(env or {})}
+    bentoml = Path(sys.executable).with_name("bentoml")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([str(bentoml), "serve", "service.service:Classifier", "--host", "127.0.0.1",
+                                 "--port", str(port)], cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    server = Server(f"http://127.0.0.1:{port}", proc.pid, log_path)
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log_tail()}")
+            try:
+                if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready in {ready_timeout:.0f} s:\n{server.log_tail()}")
+            time.sleep(0.5)
+        yield server
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@contextlib.contextmanager
+def external(url: str, pid: int | None = None) -> Iterator[Server]:
+    yield Server(require_loopback(url), pid, None)
