@@ -20,7 +20,8 @@ test: install
 	$(PY) -m pytest -q
 
 artifact: install
-	test -f $(ARTIFACT)/manifest.json || $(PY) -m export --model orthserve-mini --pretrained default --out $(ARTIFACT)
+	test -f $(ARTIFACT)/manifest.json || $(PY) -m export --model orthserve-mini --pretrained default \
+		--classnames orthserve/weights/orthserve-mini.classes.txt --int8 --out $(ARTIFACT)
 
 serve: artifact
 	ORTHSERVE_MODEL=$(ARTIFACT) $(VENV)/bin/bentoml serve service.service:Classifier --port $${PORT:-3000}
