@@ -149,13 +149,7 @@ def markdown(result: dict) -> str:
         secs = row["seconds"]["mean"]
         cells.append("n/a" if secs is None else f"{secs:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "![chart](base_to_new.png)", "",
-              f"Runs: {len(result['runs'])} ({sum(r['reused'] for r in result['runs'])} reused from the cache); "
-              f"wall time of this invocation {result['wall_seconds']:.0f} s on {result['environment']['cpus']} CPUs "
-              f"(cuda: {result['environment']['cuda']}). Every run's flags are in base_to_new.json.", ""]
-    if s["pretrained"] == "none":
-        lines += ["**Random weights (`--pretrained none`): these numbers only check the pipeline; "
-                  "they say nothing about the methods.**", ""]
+    lines += common.report_footer(result, "base_to_new")
     return "\n".join(lines)
 
 
@@ -218,12 +212,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
               "method_flags": {m: METHODS[m] for m in methods}, "runs": runs,
               "summary": summarize(runs, methods), "wall_seconds": time.time() - started,
               "environment": common.environment()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    common.write_text(args.out / "base_to_new.json", json.dumps(result, indent=2))
-    common.write_text(args.out / "base_to_new.md", markdown(result))
-    chart(result, args.out / "base_to_new.png")
-    log.info("wrote %s/base_to_new.{md,json,png} in %.0f s", args.out, result["wall_seconds"])
-    print(markdown(result))
+    common.write_outputs(result, args.out, "base_to_new", markdown, chart)
     return result
 
 

@@ -283,6 +283,30 @@ def command_line(script: str, argv: Sequence[str] | None) -> str:
     return shlex.join(["python", script, *argv])
 
 
+def report_footer(result: dict, name: str) -> list[str]:
+    """The lines every benchmark table ends with: chart, run counts, wall time, random-weights warning."""
+    runs = result["runs"]
+    lines = ["", f"![chart]({name}.png)", "",
+             f"Runs: {len(runs)} ({sum(r['reused'] for r in runs)} reused from the cache); "
+             f"wall time of this invocation {result['wall_seconds']:.0f} s on {result['environment']['cpus']} CPUs "
+             f"(cuda: {result['environment']['cuda']}). Every run's flags are in {name}.json.", ""]
+    if result["settings"]["pretrained"] == "none":
+        lines += ["**Random weights (`--pretrained none`): these numbers only check the pipeline; "
+                  "they say nothing about the methods.**", ""]
+    return lines
+
+
+def write_outputs(result: dict, out: Path, name: str, markdown: Callable[[dict], str],
+                  chart: Callable[[dict, Path], None]) -> None:
+    """``out/name.{json,md,png}``, then the table on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / f"{name}.json", json.dumps(result, indent=2))
+    write_text(out / f"{name}.md", markdown(result))
+    chart(result, out / f"{name}.png")
+    log.info("wrote %s/%s.{md,json,png} in %.0f s", out, name, result["wall_seconds"])
+    print(markdown(result))
+
+
 def write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

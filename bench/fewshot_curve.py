@@ -79,13 +79,7 @@ def markdown(result: dict) -> str:
              "|---|" + "---:|" * len(shots)]
     for method, row in summary.items():
         lines.append(f"| {METHOD_LABELS[method]} | " + " | ".join(fmt(row[str(k)]) for k in shots) + " |")
-    lines += ["", "![chart](fewshot_curve.png)", "",
-              f"Runs: {len(result['runs'])} ({sum(r['reused'] for r in result['runs'])} reused from the cache); "
-              f"wall time of this invocation {result['wall_seconds']:.0f} s on {result['environment']['cpus']} CPUs "
-              f"(cuda: {result['environment']['cuda']}). Every run's flags are in fewshot_curve.json.", ""]
-    if s["pretrained"] == "none":
-        lines += ["**Random weights (`--pretrained none`): these numbers only check the pipeline; "
-                  "they say nothing about the methods.**", ""]
+    lines += common.report_footer(result, "fewshot_curve")
     return "\n".join(lines)
 
 
@@ -149,12 +143,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
               "classes": data["classes"], "dropped_classes": data["dropped"],
               "method_flags": {m: METHODS[m] for m in methods}, "runs": runs, "summary": summary,
               "wall_seconds": time.time() - started, "environment": common.environment()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    common.write_text(args.out / "fewshot_curve.json", json.dumps(result, indent=2))
-    common.write_text(args.out / "fewshot_curve.md", markdown(result))
-    chart(result, args.out / "fewshot_curve.png")
-    log.info("wrote %s/fewshot_curve.{md,json,png} in %.0f s", args.out, result["wall_seconds"])
-    print(markdown(result))
+    common.write_outputs(result, args.out, "fewshot_curve", markdown, chart)
     return result
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -299,3 +300,31 @@ def test_bad_model_location_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="manifest"):
         open_artifact(str(tmp_path / "empty"))
+
+
+# Regressions found by bench/bad_inputs.py
+
+def test_json_nested_too_deep_is_a_400_not_a_500(client):
+    """Found by bench/bad_inputs.py: RequestGuard's json.loads raised RecursionError (not a ValueError) -> 500."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    r = client.post("/embed_text", content=b'{"texts": ' + deep + b"}", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"], r.text
+    image = photos(1)[0].read_bytes()
+    r = client.post("/classify", files={"image": ("a.jpg", image, "image/jpeg")}, data={"labels": deep.decode()})
+    assert r.status_code == 400 and "JSON list of strings" in r.json()["error"], r.text
+    assert client.get("/readyz").status_code == 200
+
+
+def test_extreme_aspect_ratio_is_refused_before_resizing(client):
+    """Found by bench/bad_inputs.py: 1x60000 passes the decoded-pixel limit, but resizing its shorter side to the
+    model's size first would allocate image_size x image_size*60000 pixels (minutes of CPU, GBs of memory)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 60000)).save(buf, "PNG")
+    start = time.monotonic()
+    r = client.post("/classify", files={"image": ("tall.png", buf.getvalue(), "image/png")})
+    assert r.status_code == 400 and "too elongated" in r.json()["error"], r.text
+    assert time.monotonic() - start < 10
