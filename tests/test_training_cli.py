@@ -57,7 +57,10 @@ def test_resumed_run_ends_with_the_same_metrics(data_dir, tmp_path):
     parted = tmp_path / "parted"
     stopped = finetune.main(quick(data_dir / "flowers5", parted, *args, "--stop-after-epochs", "1"))
     assert stopped["stopped_at_epoch"] == 1 and not (parted / "metrics.json").exists()
+    stale = parted / ".checkpoint.pt.tmp-99999"  # what a kill -9 during a checkpoint write leaves
+    stale.write_bytes(b"half a checkpoint")
     resumed = finetune.main(quick(data_dir / "flowers5", parted, *args, "--resume"))
+    assert not stale.exists()
     assert resumed["epochs"] == whole["epochs"] and resumed["test"] == whole["test"]
     a, b = load_file(str(tmp_path / "whole" / "adapter.safetensors")), load_file(str(parted / "adapter.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -453,6 +453,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     train = splits["train"]
     check_run_dir(args, run_dir, train.classnames)
     run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in run_dir.glob(".*.tmp-*"):  # left by a run killed mid-write; never loaded, only wasted space
+        stale.unlink(missing_ok=True)
     if args.overwrite and not args.resume:
         (run_dir / CHECKPOINT).unlink(missing_ok=True)
 
