@@ -38,7 +38,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from server import free_port  # noqa: E402  (bench/ is sys.path[0])
+from server import launch, stop  # noqa: E402  (bench/ is sys.path[0])
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -297,30 +297,20 @@ def serve_refuses(path: Path, work: Path, wait_s: float) -> dict:
     """`bentoml serve` with ORTHSERVE_MODEL=path: never ready; exit (or not) within wait_s; the reason in its log."""
     import httpx
 
-    port = free_port()
-    log_path = work / f"serve-{port}.log"
-    env = {**ENV, "ORTHSERVE_MODEL": str(path), "BENTOML_HOME": str(work / "bentoml_home")}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([str(Path(PY).with_name("bentoml")), "serve", "service.service:Classifier", "--host",
-                                 "127.0.0.1", "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    log_path = work / f"serve-{path.name}.log"
+    proc, server = launch(path, log_path, {**ENV, "BENTOML_HOME": str(work / "bentoml_home")})
     ready, start = False, time.monotonic()
     try:
         while time.monotonic() - start < wait_s and proc.poll() is None:
             try:
-                ready = ready or httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
+                ready = ready or httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200
             except httpx.TransportError:
                 pass
             time.sleep(0.5)
     finally:
         exited = proc.poll() is not None
         if not exited:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop(proc, timeout=20)
     text = log_path.read_text(errors="replace")
     reason = next((line.strip() for line in text.splitlines() if "ArtifactError" in line or "sha256" in line
                    or "not valid JSON" in line or "missing" in line), None)

@@ -72,11 +72,9 @@ class Server:
         return self.log.read_text(errors="replace")[-chars:] if self.log and self.log.is_file() else ""
 
 
-@contextlib.contextmanager
-def serve(artifact: str | Path, log_path: Path, env: dict[str, str] | None = None,
-          ready_timeout: float = 240) -> Iterator[Server]:
-    """`bentoml serve` on 127.0.0.1:<free port> with ORTHSERVE_MODEL=artifact, a private BENTOML_HOME;
-    stopped (SIGTERM, then SIGKILL) on exit."""
+def launch(artifact: str | Path, log_path: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Server]:
+    """Start `bentoml serve` on 127.0.0.1:<free port> with ORTHSERVE_MODEL=artifact and a private BENTOML_HOME,
+    in its own process group, output to ``log_path``. Pair with :func:`stop`."""
     port = free_port()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     home = log_path.parent / f"bentoml_home_{port}"
@@ -87,7 +85,26 @@ def serve(artifact: str | Path, log_path: Path, env: dict[str, str] | None = Non
         proc = subprocess.Popen([str(bentoml), "serve", "service.service:Classifier", "--host", "127.0.0.1",
                                  "--port", str(port)], cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    server = Server(f"http://127.0.0.1:{port}", proc.pid, log_path)
+    return proc, Server(f"http://127.0.0.1:{port}", proc.pid, log_path)
+
+
+def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM the server's process group, SIGKILL it if it lingers."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@contextlib.contextmanager
+def serve(artifact: str | Path, log_path: Path, env: dict[str, str] | None = None,
+          ready_timeout: float = 240) -> Iterator[Server]:
+    """A ready server for the ``with`` block (see :func:`launch`); stopped on exit."""
+    proc, server = launch(artifact, log_path, env)
     try:
         deadline = time.monotonic() + ready_timeout
         while True:
@@ -103,14 +120,7 @@ def serve(artifact: str | Path, log_path: Path, env: dict[str, str] | None = Non
             time.sleep(0.5)
         yield server
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop(proc)
 
 
 @contextlib.contextmanager
