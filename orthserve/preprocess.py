@@ -9,6 +9,7 @@ against open_clip's own transform on real photos.
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
@@ -50,9 +51,12 @@ class PreprocessSpec:
         return asdict(self)
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, image_size: int | None = None) -> Image.Image:
     """Bytes -> RGB Pillow image: EXIF orientation applied, first frame of animations,
     alpha composited on black (as PIL's convert does), 16-bit and CMYK converted.
+
+    ``max_pixels`` bounds the decoded image and, with ``image_size``, the first resize of
+    :func:`preprocess` too: a 200-byte 1x40000 PNG would otherwise resize to 224 x 8,960,000.
     Raises :class:`ImageDecodeError` with a readable reason."""
     if not data:
         raise ImageDecodeError("empty file: zero bytes")
@@ -61,6 +65,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         width, height = image.size
         if width * height > max_pixels:
             raise ImageDecodeError(f"image is {width}x{height} pixels, above the limit of {max_pixels}")
+        if image_size and math.prod(resized_size(width, height, image_size)) > max_pixels:
+            raise ImageDecodeError(f"image is {width}x{height} pixels, too elongated: resizing its shorter side to "
+                                   f"{image_size} would make more than {max_pixels} pixels")
         image.seek(0)
         image.load()
         image = ImageOps.exif_transpose(image)
@@ -77,11 +84,15 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         raise ImageDecodeError(f"not a readable image: {err}") from err
 
 
-def resize_shorter_side(image: Image.Image, size: int, interpolation: str = "bicubic") -> Image.Image:
-    width, height = image.size
+def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """``(width, height)`` after resizing the shorter side to ``size`` (torchvision truncates the long side)."""
     short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = size, int(size * long / short)  # torchvision truncates the long side
-    new_size = (new_short, new_long) if width <= height else (new_long, new_short)
+    new_long = int(size * long / short)
+    return (size, new_long) if width <= height else (new_long, size)
+
+
+def resize_shorter_side(image: Image.Image, size: int, interpolation: str = "bicubic") -> Image.Image:
+    new_size = resized_size(*image.size, size)
     return image if new_size == image.size else image.resize(new_size, INTERPOLATIONS[interpolation])
 
 

@@ -104,22 +104,12 @@ def check_top_k(top_k: int | None, n_classes: int) -> int:
 
 
 def read_image(path: Path, limits: Limits, index: int | None = None, image_size: int | None = None):
-    """An uploaded file -> RGB Pillow image, or a 400 naming which upload is bad.
-
-    With ``image_size``, also refuses images whose aspect ratio would make preprocessing's first step (shorter
-    side resized to ``image_size``) exceed ``max_pixels``: a 200-byte 1x40000 PNG resizes to 224 x 8,960,000."""
+    """An uploaded file -> RGB Pillow image, or a 400 naming which upload is bad (limits: see decode_image)."""
     where = "image" if index is None else f"images[{index}]"
     try:
-        image = decode_image(Path(path).read_bytes(), limits.max_pixels)
+        return decode_image(Path(path).read_bytes(), limits.max_pixels, image_size)
     except ImageDecodeError as err:
         raise RequestError(f"{where}: {err}") from err
-    if image_size:
-        width, height = image.size
-        resized = image_size * int(image_size * max(width, height) / max(min(width, height), 1))
-        if resized > limits.max_pixels:
-            raise RequestError(f"{where}: image is {width}x{height} pixels, too elongated: resizing its shorter side to "
-                               f"{image_size} would make {resized} pixels, above the limit of {limits.max_pixels}")
-    return image
 
 
 def check_form_options(form) -> JSONResponse | None:

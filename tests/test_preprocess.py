@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from orthserve.preprocess import PreprocessSpec, decode_image, preprocess
+from orthserve.preprocess import ImageDecodeError, PreprocessSpec, decode_image, preprocess, resized_size
 
 from conftest import requires_data
 
@@ -53,3 +53,15 @@ def test_same_top1_with_tiny_model(data_dir, tiny):
 
         assert torch.equal(top1(ours), top1(theirs))
         assert torch.allclose(model.encode_image(ours), model.encode_image(theirs), atol=1e-4)
+
+
+def test_elongated_image_is_refused_before_the_resize():
+    """1x60000 passes the decoded-pixel limit, but its shorter side resized to 224 would be 224 x 13,440,000."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 60000)).save(buffer, "PNG")
+    assert resized_size(1, 60000, 224) == (224, 13_440_000)
+    assert decode_image(buffer.getvalue(), max_pixels=40_000_000).size == (1, 60000)  # no size: decoding alone is fine
+    with pytest.raises(ImageDecodeError, match="too elongated"):
+        decode_image(buffer.getvalue(), max_pixels=40_000_000, image_size=224)

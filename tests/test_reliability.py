@@ -4,8 +4,7 @@
   fake stale directory), then a re-run: no half artifact is ever accepted, the re-run cleans up;
 * the service's startup path (ORTHSERVE_MODEL -> service.runtime) refuses a tampered artifact with a clear
   message (test_export_safety.py covers load_artifact itself, test_service*.py only good artifacts);
-* regressions found by bench/bad_inputs.py: JSON nested deeper than Python's recursion limit was a 500; a
-  tiny PNG of extreme aspect ratio made preprocessing allocate gigabytes (1x60000 at 224 px: 9 GB).
+* the regressions bench/bad_inputs.py found are tested in test_service.py and test_preprocess.py.
 """
 from __future__ import annotations
 
