@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .adapters import AdapterConfig, TaskResConfig, TaskResidual, WeightAdapter, config_from_dict
+from .adapters import AdapterConfig, BlockRotation, TaskResConfig, TaskResidual, WeightAdapter, config_from_dict
 from .classifier import CLIPClassifier
 
 ADAPTER_FORMAT = "orthserve-adapters/1"
@@ -94,6 +94,42 @@ def bypass(*targets: nn.Module) -> Iterator[None]:
     finally:
         for m in switched:
             m.enabled = True
+
+
+@contextlib.contextmanager
+def rotate_inputs(*targets: nn.Module) -> Iterator[int]:
+    """Training shortcut: apply orthogonal adapters to the input where that is cheaper.
+
+    ``linear(x, W R) == linear(x R^T, W)``.  The weight-side form needs the full weight gradient
+    ``dL/d(W R)`` (as costly as the layer's forward, on ViT-B-16's ``c_fc`` too), while on a
+    layer with many more outputs than the block size the input-side form costs a small fraction
+    of that.  Inside this context such ``nn.Linear`` layers (those whose only parametrization is a
+    :class:`BlockRotation`) rotate their input through a forward pre-hook and read their weight
+    unrotated; everything else, and everything after the context (folding, export), is unchanged.
+    Yields how many layers were switched.
+    """
+    switched: list[tuple[BlockRotation, torch.utils.hooks.RemovableHandle]] = []
+
+    def hook(adapter: BlockRotation):
+        def rotate(_module: nn.Module, args: tuple) -> tuple | None:
+            return (adapter.rotate_input(args[0]), *args[1:]) if adapter.enabled else None
+        return rotate
+
+    for target in targets:
+        for module in _clip_of(target).modules():
+            if not (isinstance(module, nn.Linear) and parametrize.is_parametrized(module, "weight")):
+                continue
+            chain = module.parametrizations.weight
+            adapter = chain[0]
+            if len(chain) == 1 and isinstance(adapter, BlockRotation) and adapter.cheaper_on_input(module.out_features):
+                adapter.applied_to_input = True
+                switched.append((adapter, module.register_forward_pre_hook(hook(adapter))))
+    try:
+        yield len(switched)
+    finally:
+        for adapter, handle in switched:
+            handle.remove()
+            adapter.applied_to_input = False
 
 
 def adapter_parameters(target: nn.Module) -> dict[str, nn.Parameter]:

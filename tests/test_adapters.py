@@ -249,3 +249,38 @@ def test_vit_b16_default_orthogonal_count_matches_the_paper():
     orthserve.inject(model, OrthogonalConfig())
     assert count_by_tower(model) == {"image": 30_081_024, "text": 13_369_344, "total": 43_450_368}
     assert all(isinstance(m, WeightAdapter) for m in orthserve.surgery.adapters(model))
+
+
+@pytest.mark.parametrize("max_norm", [None, 0.05])
+def test_rotating_inputs_gives_the_same_outputs_and_gradients(tiny, max_norm):
+    """``rotate_inputs`` (the training shortcut) computes ``linear(x R^T, W)``: same as ``linear(x, W R)``."""
+    model, _, tokenizer = tiny
+    classifier = CLIPClassifier(model, tokenizer, ["a cat", "a dog", "a bird"])
+    orthserve.inject(classifier, OrthogonalConfig(max_norm=max_norm))
+    adapters = [m for m in classifier.modules() if isinstance(m, BlockRotation)]
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for adapter in adapters:
+            adapter.generator.normal_(0, 0.05)
+    images = torch.randn(2, 3, 64, 64)
+
+    def logits_and_grads():
+        classifier.zero_grad()
+        logits = classifier(images)
+        logits.square().sum().backward()
+        return logits.detach(), [a.generator.grad.clone() for a in adapters]
+
+    reference, reference_grads = logits_and_grads()
+    with orthserve.rotate_inputs(classifier) as switched:
+        # orthserve-tiny: c_fc (64 -> 256, blocks of 16) switches; c_proj (256 -> 64, blocks of 64) does not
+        assert switched == 4 and sum(a.applied_to_input for a in adapters) == 4
+        logits, grads = logits_and_grads()
+        with orthserve.bypass(classifier):
+            frozen_inside = classifier(images).detach()
+    assert torch.allclose(logits, reference, atol=1e-5)
+    for got, want in zip(grads, reference_grads):
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()  # fp32 sums in another order
+    with orthserve.bypass(classifier):
+        assert torch.allclose(frozen_inside, classifier(images), atol=1e-6)
+    assert not any(a.applied_to_input for a in adapters)
+    assert all(not m._forward_pre_hooks for m in classifier.modules() if isinstance(m, nn.Linear))

@@ -46,6 +46,25 @@ def test_kl_is_positive_once_adapted(tiny):
     assert parts["kl"] > 1e-4 and parts["kl_cutout"] > 1e-4
 
 
+def test_without_cutout_one_pass_gives_the_two_view_loss(tiny):
+    """--cutout none: the second view is the image itself, so one pass gives the same loss and gradients."""
+    classifier = classifier_with(tiny, orthserve.OrthogonalConfig())
+    with torch.no_grad():
+        for p in orthserve.adapter_parameters(classifier).values():
+            p.normal_(0, 0.05)
+    images, labels = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0])
+    results = []
+    for config in (OrthCRConfig(cutout="none"), OrthCRConfig(cutout="random", cutout_prob=0.0)):  # no mask drawn
+        classifier.zero_grad()
+        loss, _, parts = OrthCRObjective(classifier, config, torch.Generator().manual_seed(0))(classifier, images, labels)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in orthserve.adapter_parameters(classifier).values()]))
+    (one_pass, one_grads), (two_views, two_grads) = results
+    assert parts["kl"] > 1e-4 and torch.allclose(one_pass, two_views, atol=1e-5)
+    for a, b in zip(one_grads, two_grads):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+
+
 def test_random_cutout_masks_a_square_of_the_given_size():
     images = torch.ones(64, 3, 20, 20)
     cut = random_cutout(images, 0.5, 1.0, torch.Generator().manual_seed(0))

@@ -155,20 +155,24 @@ class OrthCRObjective:
         if c.cutout == "attentive":
             similarity = patch_text_similarity(frozen_tokens, classifier.model.visual, self.frozen_text[labels])
             return attentive_cutout(images, similarity, c.cutout_size, c.cutout_prob, self.generator)
-        return images
+        raise AssertionError(f"no Cutout views for mode {c.cutout!r}")
 
     def __call__(self, classifier, images, labels):
         c = self.config
-        if self.tokens is not None:  # attentive: the mask needs the frozen patch tokens first
-            with self.tokens:
-                frozen = self.frozen_logits(classifier, images)
-            cut = self.cutout_views(classifier, images, labels, self.tokens.patches(len(images)).detach())
-            frozen_cut = self.frozen_logits(classifier, cut)
-        else:  # one frozen pass over both views
-            cut = self.cutout_views(classifier, images, labels, None)
-            frozen, frozen_cut = self.frozen_logits(classifier, torch.cat([images, cut])).chunk(2)
-        logits_all = classifier(torch.cat([images, cut]))  # one adapted pass over both views
-        logits, logits_cut = logits_all.float().chunk(2)
+        if c.cutout == "none":  # the "Cutout view" is the image itself: one pass, the same loss value
+            frozen = frozen_cut = self.frozen_logits(classifier, images)
+            logits = logits_cut = classifier(images).float()
+        else:
+            if self.tokens is not None:  # attentive: the mask needs the frozen patch tokens first
+                with self.tokens:
+                    frozen = self.frozen_logits(classifier, images)
+                cut = self.cutout_views(classifier, images, labels, self.tokens.patches(len(images)).detach())
+                frozen_cut = self.frozen_logits(classifier, cut)
+            else:  # one frozen pass over both views
+                cut = self.cutout_views(classifier, images, labels, None)
+                frozen, frozen_cut = self.frozen_logits(classifier, torch.cat([images, cut])).chunk(2)
+            logits_all = classifier(torch.cat([images, cut]))  # one adapted pass over both views
+            logits, logits_cut = logits_all.float().chunk(2)
         parts = {
             "ce": F.cross_entropy(logits, labels),
             "ce_cutout": F.cross_entropy(logits_cut, labels),

@@ -169,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     steps_per_epoch = len(samples) // args.batch_size
     total = steps_per_epoch * args.epochs
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, args.warmup_steps, total, 0.02))
     generator = torch.Generator().manual_seed(args.seed)
     history: list[dict] = []

@@ -21,9 +21,12 @@ class WeightAdapter(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.enabled = True  # False inside `bypass(...)`: the frozen model's weight
+        # True inside `surgery.rotate_inputs(...)`: a hook applies the adapter to the module's
+        # input instead, so the weight reads as is.
+        self.applied_to_input = False
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return self.adapt(weight) if self.enabled else weight
+        return self.adapt(weight) if self.enabled and not self.applied_to_input else weight
 
     def adapt(self, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

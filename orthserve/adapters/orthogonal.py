@@ -58,25 +58,52 @@ class BlockRotation(WeightAdapter):
         self.generator = nn.Parameter(torch.zeros(blocks, size, size))
         self.mode, self.neumann_terms, self.max_norm = mode, neumann_terms, max_norm
 
+    def skew_generator(self) -> torch.Tensor:
+        """``Q`` in fp32 (even under autocast), scaled into the COFT ball when ``max_norm`` is set."""
+        q = skew(self.generator.float())
+        if self.max_norm is not None:
+            norms = torch.linalg.matrix_norm(q, keepdim=True)
+            q = q * torch.clamp(self.max_norm / (norms + 1e-12), max=1.0)
+        return q
+
     def rotation_blocks(self) -> torch.Tensor:
         """The ``[blocks, b, b]`` orthogonal blocks, computed in fp32 even under autocast."""
         with torch.autocast(self.generator.device.type, enabled=False):
-            q = skew(self.generator.float())
-            if self.max_norm is not None:
-                norms = torch.linalg.matrix_norm(q, keepdim=True)
-                q = q * torch.clamp(self.max_norm / (norms + 1e-12), max=1.0)
-            return cayley(q, self.mode, self.neumann_terms)
+            return cayley(self.skew_generator(), self.mode, self.neumann_terms)
 
     def rotation(self) -> torch.Tensor:
         return torch.block_diag(*self.rotation_blocks())
 
     def adapt(self, weight: torch.Tensor) -> torch.Tensor:
-        blocks = self.rotation_blocks().to(weight.dtype)
         out_features, in_features = weight.shape
-        n, b, _ = blocks.shape
+        n, b, _ = self.generator.shape
+        per_block = weight.reshape(out_features, n, b)
+        if self.mode == "exact":
+            # W R = W (I + Q)(I - Q)^-1 = 2 W (I - Q)^-1 - W, and W (I - Q)^-1 = ((I + Q)^-1 W^T)^T
+            # since Q^T = -Q: one solve with W as right-hand side instead of solving for R and then
+            # multiplying by it (about 1.5x less work forward + backward for ViT c_proj blocks).
+            with torch.autocast(weight.device.type, enabled=False):
+                q = self.skew_generator()
+                eye = torch.eye(b, dtype=q.dtype, device=q.device).expand_as(q)
+                solved = torch.linalg.solve(eye + q, per_block.float().permute(1, 2, 0))  # [n, b, out]
+                rotated = 2 * solved.permute(2, 0, 1) - per_block.float()
+            return rotated.reshape(out_features, in_features).to(weight.dtype)
+        blocks = self.rotation_blocks().to(weight.dtype)
         # (W R) computed block by block: [out, n, b] x [n, b, b] -> [out, n, b]
-        rotated = torch.einsum("onb,nbc->onc", weight.reshape(out_features, n, b), blocks)
+        rotated = torch.einsum("onb,nbc->onc", per_block, blocks)
         return rotated.reshape(out_features, in_features)
+
+    def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x R^T``, so that ``linear(x R^T, W) == linear(x, W R)`` (see ``surgery.rotate_inputs``)."""
+        n, b, _ = self.generator.shape
+        blocks = self.rotation_blocks().to(x.dtype)
+        rotated = torch.einsum("...nb,ncb->...nc", x.reshape(*x.shape[:-1], n, b), blocks)
+        return rotated.reshape(x.shape)
+
+    def cheaper_on_input(self, out_features: int) -> bool:
+        """Rotating the input costs about ``3 T in b`` multiply-adds per step (rotation, its two
+        gradients); rotating the weight costs the full weight gradient, ``T in out``. Large T."""
+        return 3 * self.generator.shape[-1] < out_features
 
 
 @dataclass
