@@ -340,6 +340,8 @@ def tamper_faults(work: Path, serve_cases: int, serve_wait: float) -> dict:
             s = row["bentoml_serve"]
             if s["ever_ready"]:
                 problems.append(f"{name}: bentoml serve became ready on a tampered artifact")
+            if not s["exited_by_itself"] or s["exit_code"] == 0:
+                problems.append(f"{name}: bentoml serve did not exit with an error by itself")
             if not s["reason_in_log"]:
                 problems.append(f"{name}: bentoml serve log does not say why it failed")
         results.append(row)

@@ -1,6 +1,7 @@
 """Plain helpers of the service: image uploads -> pixels, and the ``GET /model`` summary app."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import bentoml
@@ -12,6 +13,8 @@ from starlette.routing import Route
 
 from orthserve.preprocess import PreprocessSpec, preprocess
 from service.validation import Limits, RequestError, read_image
+
+log = logging.getLogger("orthserve.service")
 
 
 def prepare_images(paths: list[Path], spec: PreprocessSpec, limits: Limits) -> np.ndarray:
@@ -25,17 +28,26 @@ def prepare_images(paths: list[Path], spec: PreprocessSpec, limits: Limits) -> n
                      for i, p in enumerate(paths)])
 
 
-async def call_encoder(encoder, pixels: np.ndarray, attempts: int = 3) -> np.ndarray:
-    """``encoder.to_async.encode(pixels)`` (the batched image tower), retried when a pooled keep-alive
-    connection to the encoder process turns out closed (aiohttp race with uvicorn's keep-alive timeout)."""
+def _dropped_connection(err: BaseException) -> bool:
+    """The pooled connection to the encoder process closed under us (before or while reading the reply)."""
     import aiohttp
 
+    return (isinstance(err, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError))
+            or (isinstance(err, RuntimeError) and "Connection closed" in str(err)))
+
+
+async def call_encoder(encoder, pixels: np.ndarray, attempts: int = 3) -> np.ndarray:
+    """``encoder.to_async.encode(pixels)`` (the batched image tower), retried when a pooled keep-alive
+    connection to the encoder process turns out closed (aiohttp race with uvicorn's keep-alive timeout;
+    under load aiohttp can also report it as ``RuntimeError("Connection closed.")`` while reading the
+    reply).  Encoding is a pure function, so sending it again is safe."""
     for attempt in range(attempts):
         try:
             return await encoder.to_async.encode(pixels)
-        except (aiohttp.ClientConnectionError, ConnectionError):
-            if attempt == attempts - 1:
+        except Exception as err:
+            if attempt == attempts - 1 or not _dropped_connection(err):
                 raise
+            log.warning("connection to the image encoder dropped (%s: %s); sending again", type(err).__name__, err)
     raise AssertionError("unreachable")
 
 

@@ -14,9 +14,21 @@ from service.validation import Limits, RequestError, RequestGuard, check_texts, 
 
 MAX_BATCH = int(os.environ.get("ORTHSERVE_MAX_BATCH_SIZE", "32"))
 MAX_LATENCY_MS = int(os.environ.get("ORTHSERVE_MAX_LATENCY_MS", "10000"))
+# Threads for decoding, preprocessing and the text tower.  anyio's default is 40; on a small machine that
+# only adds contention, and each thread's malloc arena adds resident memory (about +250 MB under load).
+WORK_THREADS = int(os.environ.get("ORTHSERVE_WORK_THREADS", str(max(4, 2 * (os.cpu_count() or 1)))))
+
+# Checked when `bentoml serve` loads this module, before any worker starts: a missing, truncated or
+# tampered artifact stops the server at once (exit 1, the reason printed) instead of leaving workers
+# that never become ready.  The workers check it again when they open it.
+open_artifact()
 
 
-@bentoml.service(workers=1, traffic={"timeout": 60})
+# BentoML's client to a dependency replaces its HTTP session every 100 requests / 300 s by default and closes
+# the old one with requests still in flight on it: under 32 clients about 1 encoder call in 6 was cut off
+# (and sent again by call_encoder).  The encoder is a local process, so keep one session.
+@bentoml.service(workers=1, traffic={"timeout": 60},
+                 runner_connection={"max_requests": 2**31 - 1, "max_age": 365 * 24 * 3600.0})
 class ImageEncoder:
     """The image tower behind adaptive batching: concurrent requests share one onnxruntime call."""
 
@@ -43,12 +55,17 @@ class Classifier:
         self.text = TextModel(open_artifact(), int(os.environ.get("ORTHSERVE_LABEL_CACHE", "256")))
         self.artifact = self.text.artifact
         self.name, self.ready = str(self.artifact.manifest.get("model")), True
+        self._threads: anyio.CapacityLimiter | None = None  # made on first use, inside the event loop
+
+    async def in_thread(self, func, *args):
+        self._threads = self._threads or anyio.CapacityLimiter(WORK_THREADS)
+        return await anyio.to_thread.run_sync(func, *args, limiter=self._threads)
 
     def __is_ready__(self) -> bool:
         return self.ready
 
     async def embed(self, images: list[Path]) -> np.ndarray:
-        pixels = await anyio.to_thread.run_sync(prepare_images, images, self.artifact.preprocess, self.limits)
+        pixels = await self.in_thread(prepare_images, images, self.artifact.preprocess, self.limits)
         return np.asarray(await call_encoder(self.encoder, pixels), dtype=np.float32)
 
     async def candidates(self, labels: list[str] | None) -> tuple[list[str], np.ndarray]:
@@ -57,7 +74,7 @@ class Classifier:
                 raise RequestError("this model has no classes of its own: pass 'labels'")
             return list(self.artifact.classnames), self.artifact.class_embeddings
         labels = check_texts(labels, self.limits)
-        return labels, await anyio.to_thread.run_sync(self.text.label_embeddings, labels)
+        return labels, await self.in_thread(self.text.label_embeddings, labels)
 
     @bentoml.api
     @json_errors
@@ -89,7 +106,7 @@ class Classifier:
     async def embed_text(self, texts: list[str]) -> dict:
         """JSON ``{"texts": [...]}`` -> L2-normalized float32 embeddings (no templates)."""
         texts = check_texts(texts, self.limits, "texts", self.limits.max_texts)
-        emb = await anyio.to_thread.run_sync(self.text.embed, texts)
+        emb = await self.in_thread(self.text.embed, texts)
         return {"embeddings": emb.tolist(), "dim": int(emb.shape[1]), "model": self.name}
 
 

@@ -97,3 +97,22 @@ def test_service_startup_refuses_tampered_artifact(killed_then_rerun, tmp_path, 
     assert "re-export or re-copy" in str(err.value) or "incomplete copy" in str(err.value)
     with pytest.raises(ArtifactError, match=needle):
         TextModel(open_artifact())  # what Classifier.__init__ runs
+
+
+def test_bentoml_serve_exits_on_a_tampered_artifact(killed_then_rerun, tmp_path):
+    """`bentoml serve` stops at once with the reason (it used to stay up, never ready)."""
+    sys.path.insert(0, str(REPO))
+    from bench.server import launch, stop
+
+    out, _, _ = killed_then_rerun
+    copy = tmp_path / "tampered"
+    shutil.copytree(out, copy)
+    (copy / "image.onnx").write_bytes((copy / "image.onnx").read_bytes()[:1000])
+    proc, server = launch(copy, tmp_path / "serve.log")
+    try:
+        code = proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        pytest.fail(f"bentoml serve kept running on a tampered artifact:\n{server.log_tail()}")
+    assert code != 0
+    assert "image.onnx does not match its sha256" in server.log_tail(20000)

@@ -328,3 +328,34 @@ def test_extreme_aspect_ratio_is_refused_before_resizing(client):
     r = client.post("/classify", files={"image": ("tall.png", buf.getvalue(), "image/png")})
     assert r.status_code == 400 and "too elongated" in r.json()["error"], r.text
     assert time.monotonic() - start < 10
+
+
+def test_encoder_call_is_retried_only_on_a_dropped_connection():
+    """The 500 the 60 s load test found: aiohttp's RuntimeError("Connection closed.") from the encoder hop."""
+    import types
+
+    import aiohttp
+
+    from service.api import call_encoder
+
+    def encoder_failing_with(*errors):
+        calls = []
+
+        async def encode(pixels):
+            calls.append(1)
+            if len(calls) <= len(errors):
+                raise errors[len(calls) - 1]
+            return pixels * 2
+
+        return types.SimpleNamespace(to_async=types.SimpleNamespace(encode=encode)), calls
+
+    pixels = np.ones((1, 3), dtype=np.float32)
+    encoder, calls = encoder_failing_with(RuntimeError("Connection closed."), aiohttp.ServerDisconnectedError())
+    assert (asyncio.run(call_encoder(encoder, pixels)) == 2).all() and len(calls) == 3
+    encoder, calls = encoder_failing_with(*[RuntimeError("Connection closed.")] * 3)
+    with pytest.raises(RuntimeError, match="Connection closed"):
+        asyncio.run(call_encoder(encoder, pixels))
+    encoder, calls = encoder_failing_with(ValueError("a real bug"))
+    with pytest.raises(ValueError):
+        asyncio.run(call_encoder(encoder, pixels))
+    assert len(calls) == 1  # other errors are not retried
