@@ -312,8 +312,10 @@ def serve_refuses(path: Path, work: Path, wait_s: float) -> dict:
         if not exited:
             stop(proc, timeout=20)
     text = log_path.read_text(errors="replace")
-    reason = next((line.strip() for line in text.splitlines() if "ArtifactError" in line or "sha256" in line
-                   or "not valid JSON" in line or "missing" in line), None)
+    lines = text.splitlines()
+    reason = (next((line.strip() for line in lines if "ArtifactError:" in line), None)  # the exception's message
+              or next((line.strip() for line in lines if "ArtifactError" in line or "sha256" in line
+                       or "not valid JSON" in line or "missing" in line), None))
     return {"ever_ready": ready, "exited_by_itself": exited, "exit_code": proc.returncode if exited else None,
             "seconds": round(time.monotonic() - start, 1), "reason_in_log": reason[:400] if reason else None,
             "log_tail": text[-600:]}

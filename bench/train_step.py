@@ -2,6 +2,7 @@
 
     python bench/train_step.py                      # ViT-B-16, random weights, batch 32, 224 px, CPU (+ GPU if any)
     python bench/train_step.py --methods lora orthcr --steps 3 --warmup 2
+    python bench/train_step.py --interleave lora orthcr-ce --interleave lora-orthcr orthcr   # ratios, side by side
 
 Each (method, device) runs in its own process so peak memory is that method's alone
 (CPU: peak resident set size of the process, including the model; GPU: peak
@@ -34,15 +35,19 @@ METHODS = ("taskres", "lora", "lora-orthcr", "aoft", "orthcr-ce", "orthcr", "ort
 VARIANTS = {"orthcr-ce": ("orthcr", "ce"), "lora-orthcr": ("lora", "orthcr")}
 
 
-def measure(method: str, args) -> dict:
-    """One method on one device, in this process."""
+def method_and_objective(method: str) -> tuple[str, str]:
+    return VARIANTS.get(method, (method, "orthcr" if method.startswith("orthcr") else "ce"))
+
+
+def build_step(method: str, args):
+    """``(step, trainable parameter count, image size)``: ``step()`` runs one real training step, returns seconds."""
     import torch
 
     from training import finetune
     from training.objective import CrossEntropyObjective, OrthCRConfig, OrthCRObjective
 
     device = torch.device(args.device)
-    name, objective_name = VARIANTS.get(method, (method, "orthcr" if method.startswith("orthcr") else "ce"))
+    name, objective_name = method_and_objective(method)
     options = finetune.parse_args(["--data", "-", "--out", "-", "--model", args.model, "--pretrained", "none",
                                    "--method", name, "--objective", objective_name, "--batch-size", str(args.batch_size)])
     classes = [f"class {i}" for i in range(args.classes)]
@@ -68,6 +73,15 @@ def measure(method: str, args) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
+    return step, sum(p.numel() for p in params.values()), size
+
+
+def measure(method: str, args) -> dict:
+    """One method on one device, in this process."""
+    import torch
+
+    device = torch.device(args.device)
+    step, n_params, size = build_step(method, args)
     for _ in range(args.warmup):
         step()
     if device.type == "cuda":
@@ -75,12 +89,28 @@ def measure(method: str, args) -> dict:
     times = [step() for _ in range(args.steps)]
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"method": method, "objective": objective_name, "device": device.type, "image_size": size,
+    return {"method": method, "objective": method_and_objective(method)[1], "device": device.type, "image_size": size,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "threads": torch.get_num_threads(), "trainable_params": sum(p.numel() for p in params.values()),
+            "threads": torch.get_num_threads(), "trainable_params": n_params,
             "step_s_median": sorted(times)[len(times) // 2], "step_s_mean": sum(times) / len(times),
             "step_s_all": times, "peak_memory_mib": peak / 2**20,
             "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS"}
+
+
+def interleaved(methods: list[str], rounds: int, args) -> dict:
+    """The methods built side by side in one process, one step each per round, the order reversed every
+    other round, so that a shared machine's drift (which moves separate runs by 30% here) hits all alike."""
+    steps = {m: build_step(m, args)[0] for m in methods}
+    for m in methods:  # warm-up
+        steps[m]()
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for r in range(rounds):
+        for m in (methods if r % 2 == 0 else methods[::-1]):
+            times[m].append(steps[m]())
+        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{m} {times[m][-1]:.2f} s" for m in methods), flush=True)
+    median = {m: sorted(t)[len(t) // 2] for m, t in times.items()}
+    return {"methods": methods, "rounds": rounds, "step_s_all": times, "step_s_median": median,
+            "ratio_to_first": {m: median[m] / median[methods[0]] for m in methods}}
 
 
 def markdown(report: dict) -> str:
@@ -101,6 +131,17 @@ def markdown(report: dict) -> str:
         lines.append("")
     lines += ["Peak memory: CPU rows are the process's peak resident set size (model, activations, optimizer); "
               "GPU rows are torch's peak allocated device memory.", ""]
+    for run in report.get("interleaved", []):
+        first = run["methods"][0]
+        lines += [f"## Side by side in one process ({report['interleave_device']}): {', '.join(run['methods'])}, "
+                  f"{run['rounds']} rounds", "",
+                  "Built together, one step of each per round (order reversed every other round), after one warm-up "
+                  "step each; this is the ratio to trust on a shared machine.", "",
+                  f"| method | s / step (median) | x {first} | every step (s) |", "|---|---:|---:|---|"]
+        for m in run["methods"]:
+            lines.append(f"| {m} | {run['step_s_median'][m]:.3f} | {run['ratio_to_first'][m]:.2f} | "
+                         f"{', '.join(f'{t:.1f}' for t in run['step_s_all'][m])} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -109,12 +150,17 @@ def main() -> None:
     p.add_argument("--model", default="ViT-B-16")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--classes", type=int, default=10, help="class names in the classifier (text tower batch)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=None, choices=METHODS,
+                   help="each in its own process (default: all, or none when only --interleave is given)")
     p.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--cutout", default="random", choices=("random", "attentive", "none"))
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "train_step"), help="writes OUT.json and OUT.md")
+    p.add_argument("--interleave", nargs="+", action="append", metavar="METHOD", choices=METHODS, default=None,
+                   help="also time these methods side by side in one process (repeatable), e.g. "
+                        "--interleave lora orthcr-ce --interleave lora-orthcr orthcr")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of --interleave")
     p.add_argument("--one", help=argparse.SUPPRESS)      # internal: measure one method in this process
     p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -125,9 +171,10 @@ def main() -> None:
     import torch
 
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    methods = args.methods if args.methods is not None else ([] if args.interleave else list(METHODS))
     results: dict[str, list[dict]] = {}
     for device in devices:
-        for method in args.methods:
+        for method in methods:
             command = [sys.executable, __file__, "--one", method, "--device", device, "--model", args.model,
                        "--batch-size", str(args.batch_size), "--classes", str(args.classes), "--warmup",
                        str(args.warmup), "--steps", str(args.steps), "--cutout", args.cutout]
@@ -143,17 +190,22 @@ def main() -> None:
                   f"({time.time() - started:.0f} s)", flush=True)
     import open_clip
 
-
-    config = open_clip.get_model_config(args.model)
+    side_by_side = []
+    for group in args.interleave or []:
+        print(f"side by side on {devices[0]}: {', '.join(group)}", flush=True)
+        args.device = devices[0]
+        side_by_side.append(interleaved(group, args.rounds, args))
     report = {"model": args.model, "pretrained": "none", "batch_size": args.batch_size,
-              "image_size": next(iter(results.values()))[0]["image_size"], "classes": args.classes, "warmup": args.warmup,
+              "image_size": open_clip.get_model_config(args.model)["vision_cfg"]["image_size"],
+              "classes": args.classes, "warmup": args.warmup,
               "steps": args.steps, "cutout": args.cutout, "host": f"{platform.machine()}, {os.cpu_count()} CPUs",
               "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__},
               "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": results,
               "ratios_to_lora_same_objective": {device: {r["method"]: r["step_s_median"] / next(
                   x["step_s_median"] for x in rows if x["method"] in ("lora", "lora-orthcr") and x["objective"] == r["objective"])
                   for r in rows if any(x["method"] in ("lora", "lora-orthcr") and x["objective"] == r["objective"] for x in rows)}
-                  for device, rows in results.items()}}
+                  for device, rows in results.items()},
+              "interleaved": side_by_side, "interleave_device": devices[0]}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2))

@@ -4,7 +4,8 @@ Environment (all optional):
   ORTHSERVE_MODEL      artifact directory or BentoML model tag (default: artifacts/default, then orthserve:latest)
   ORTHSERVE_PROVIDERS  comma list overriding the automatic choice: tensorrt, cuda, cpu (or full ORT names)
   ORTHSERVE_VARIANT    auto (fp16 on GPU, else fp32) | fp32 | fp16 | int8
-  ORTHSERVE_INT8       1: use the int8 files when running on CPU (same as ORTHSERVE_VARIANT=int8 there)
+  ORTHSERVE_INT8       1: the int8 image tower when running on CPU; the text tower stays fp32 (label embeddings
+                       are cached, and int8 text loses the most agreement: bench/results/inference.md)
   ORTHSERVE_THREADS    intra-op threads per session (default: the CPUs this process may use)
 """
 from __future__ import annotations
@@ -94,10 +95,11 @@ def choose_providers(override: str | None = None) -> list[str]:
 
 
 def choose_variant(artifact: Artifact, component: str, on_gpu: bool) -> str:
-    """fp16 on GPU, int8 on CPU only when asked, else fp32 (falling back to fp32 if a file is absent)."""
+    """fp16 on GPU, int8 on CPU only when asked (ORTHSERVE_INT8: image tower only; ORTHSERVE_VARIANT=int8:
+    both), else fp32; falls back to fp32 if the artifact lacks the file."""
     wanted = os.environ.get("ORTHSERVE_VARIANT", "auto").strip().lower() or "auto"
     if wanted == "auto":
-        int8 = os.environ.get("ORTHSERVE_INT8", "").strip().lower() in ("1", "true", "yes")
+        int8 = os.environ.get("ORTHSERVE_INT8", "").strip().lower() in ("1", "true", "yes") and component == "image"
         wanted = "fp16" if on_gpu else ("int8" if int8 else "fp32")
     if wanted not in ("fp32", "fp16", "int8"):
         raise ValueError(f"ORTHSERVE_VARIANT={wanted!r}: expected auto, fp32, fp16 or int8")

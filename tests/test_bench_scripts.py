@@ -1,4 +1,4 @@
-"""Smoke test of the accuracy benchmarks (bench/base_to_new.py, bench/fewshot_curve.py).
+"""Smoke tests of the benchmark scripts (bench/base_to_new.py, bench/fewshot_curve.py, bench/train_step.py).
 
 orthserve-tiny with random weights, 2 classes, 1 shot, 1 seed, 2 methods, 1 epoch: checks the
 plumbing (styled cache, class views, runs through the training CLI, table / JSON / chart), not accuracy.
@@ -6,6 +6,7 @@ plumbing (styled cache, class views, runs through the training CLI, table / JSON
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import pytest
@@ -71,3 +72,20 @@ def test_unknown_method_is_refused(tmp_path):
 
     with pytest.raises(SystemExit, match="unknown method"):
         base_to_new.main(["--methods", "nope", "--out", str(tmp_path)])
+
+
+def test_train_step_smoke(tmp_path):
+    """bench/train_step.py on orthserve-tiny: per-method processes and the side-by-side ratio."""
+    out = tmp_path / "train_step"
+    done = subprocess.run([sys.executable, "bench/train_step.py", "--model", "orthserve-tiny", "--batch-size", "4",
+                           "--devices", "cpu", "--methods", "lora", "orthcr-ce", "--warmup", "1", "--steps", "1",
+                           "--interleave", "lora", "orthcr-ce", "--rounds", "2", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [r["method"] for r in report["results"]["cpu"]] == ["lora", "orthcr-ce"]
+    assert all(r["step_s_median"] > 0 and r["peak_memory_mib"] > 0 for r in report["results"]["cpu"])
+    (side,) = report["interleaved"]
+    assert side["methods"] == ["lora", "orthcr-ce"] and len(side["step_s_all"]["orthcr-ce"]) == 2
+    assert side["ratio_to_first"]["lora"] == 1.0 and side["ratio_to_first"]["orthcr-ce"] > 0
+    assert "Side by side" in out.with_suffix(".md").read_text()

@@ -263,8 +263,11 @@ def test_provider_and_variant_choice(artifact_dir, monkeypatch):
     with pytest.raises(ValueError, match="ORTHSERVE_PROVIDERS"):
         choose_providers("NoSuchExecutionProvider")
     art = load_artifact(artifact_dir)
-    monkeypatch.setenv("ORTHSERVE_INT8", "1")  # asked for int8, artifact has none: fp32 with a warning
+    monkeypatch.setenv("ORTHSERVE_INT8", "1")  # the int8 image tower; text stays fp32 (cached, most sensitive)
     assert choose_variant(art, "image", on_gpu=False) == "int8"
+    assert choose_variant(art, "text", on_gpu=False) == "fp32"
+    monkeypatch.setenv("ORTHSERVE_VARIANT", "int8")  # explicit: both towers
+    assert choose_variant(art, "text", on_gpu=False) == ("int8" if "int8" in art.variants("text") else "fp32")
     monkeypatch.setenv("ORTHSERVE_VARIANT", "bogus")
     with pytest.raises(ValueError, match="ORTHSERVE_VARIANT"):
         choose_variant(art, "image", on_gpu=False)
