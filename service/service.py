@@ -8,8 +8,9 @@ import anyio
 import bentoml
 import numpy as np
 
+from orthserve.artifact import Artifact
 from service.api import call_encoder, info_app, prepare_images
-from service.runtime import ImageModel, TextModel, open_artifact, rank
+from service.runtime import ImageModel, TextModel, open_artifact, rank, resolve_model
 from service.validation import Limits, RequestError, RequestGuard, check_texts, check_top_k, json_errors
 
 MAX_BATCH = int(os.environ.get("ORTHSERVE_MAX_BATCH_SIZE", "32"))
@@ -20,8 +21,13 @@ WORK_THREADS = int(os.environ.get("ORTHSERVE_WORK_THREADS", str(max(4, 2 * (os.c
 
 # Checked when `bentoml serve` loads this module, before any worker starts: a missing, truncated or
 # tampered artifact stops the server at once (exit 1, the reason printed) instead of leaving workers
-# that never become ready.  The workers check it again when they open it.
-open_artifact()
+# that never become ready.  Each worker process imports this module too and reuses that check.
+_CHECKED = open_artifact()
+
+
+def artifact() -> Artifact:
+    """The artifact ORTHSERVE_MODEL names: the one checked at import, unless the setting changed since."""
+    return _CHECKED if resolve_model().resolve() == Path(_CHECKED.root).resolve() else open_artifact()
 
 
 # BentoML's client to a dependency replaces its HTTP session every 100 requests / 300 s by default and closes
@@ -33,7 +39,7 @@ class ImageEncoder:
     """The image tower behind adaptive batching: concurrent requests share one onnxruntime call."""
 
     def __init__(self) -> None:
-        self.model = ImageModel()
+        self.model = ImageModel(artifact())
 
     def __is_ready__(self) -> bool:
         return self.model.ready
@@ -52,7 +58,7 @@ class Classifier:
 
     def __init__(self) -> None:
         self.limits = Limits.from_env()
-        self.text = TextModel(open_artifact(), int(os.environ.get("ORTHSERVE_LABEL_CACHE", "256")))
+        self.text = TextModel(artifact(), int(os.environ.get("ORTHSERVE_LABEL_CACHE", "256")))
         self.artifact = self.text.artifact
         self.name, self.ready = str(self.artifact.manifest.get("model")), True
         self._threads: anyio.CapacityLimiter | None = None  # made on first use, inside the event loop
