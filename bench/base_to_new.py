@@ -1,13 +1,15 @@
 """Base-to-new generalization benchmark (CoOp protocol) on a domain-shifted Tiny-ImageNet.
 
-    python bench/base_to_new.py                                   # reduced default: 12 classes, 2 epochs (~30 min, 2 cores)
-    python bench/base_to_new.py --limit-classes 0 --epochs 10     # full protocol: 200 classes, 100 base / 100 new
+    python bench/base_to_new.py --lrs bench/results/lr_sweep.json   # all 200 classes, 2 epochs (~75 min, 2 cores)
+    python bench/base_to_new.py --limit-classes 12                  # quick: 6 base / 6 new classes (~8 min)
+    python bench/base_to_new.py --epochs 10                         # CoOp's schedule (~5 h here)
     python bench/base_to_new.py --model ViT-B-16 --pretrained openai \\
         --data-train ~/data/imagenet/train --data-test ~/data/imagenet/val --classnames ~/data/imagenet/classnames.txt
 
-Task.  Tiny-ImageNet images rendered as edge drawings (style ``edges``, see ``bench/common.py``:
-grayscale -> FIND_EDGES -> autocontrast -> invert), so zero-shot CLIP is not already the
-answer.  Few-shot sets come from ``tiny-imagenet/train`` (rendered), test images from
+Task.  Tiny-ImageNet images without their colour (style ``gray``, see ``bench/common.py``;
+``--style edges`` renders edge drawings instead), so zero-shot is not already the answer:
+orthserve-mini was pretrained on the colour photos of these classes and loses most of its
+zero-shot accuracy on gray ones (docs/BENCHMARKS.md).  Few-shot sets come from ``tiny-imagenet/train`` (rendered), test images from
 ``tiny-imagenet/val`` (rendered).  The rendering is done once per class into the cache
 (``~/.cache/orthserve/bench/styled/...``), an ImageFolder the training CLI reads as is.
 
@@ -44,10 +46,9 @@ from common import DATA, METHODS, METHOD_LABELS, REPO, fmt, log, mean_std  # noq
 SCRIPT = "bench/base_to_new.py"
 DEFAULT_TRAIN = DATA / "tiny-imagenet" / "train"
 DEFAULT_TEST = DATA / "tiny-imagenet" / "val"
-# The reduced default (estimated 25-35 minutes for all 9 methods x 3 seeds on the project's shared
-# 2-core CPU, see docs/BENCHMARKS.md): 12 classes (6 base / 6 new), 16 shots, 2 epochs (6 steps of 32).
-# The full protocol (200 classes, 10 epochs, estimated 2-3.5 days on that CPU) is --limit-classes 0 --epochs 10.
-DEFAULT_LIMIT_CLASSES = 12
+# The built-in task's default: every class (100 base / 100 new), 16 shots, 2 epochs (100 steps of 32):
+# about 75 minutes for 9 methods x 3 seeds on the project's 2-core CPU (docs/BENCHMARKS.md).
+DEFAULT_LIMIT_CLASSES = 0
 DEFAULT_EPOCHS = 2
 
 
@@ -55,13 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python {SCRIPT}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-train", type=Path, default=None,
-                   help=f"ImageFolder for the few-shot sets (default {DEFAULT_TRAIN}, rendered with --style edges; "
-                        f"--limit-classes {DEFAULT_LIMIT_CLASSES} and --epochs {DEFAULT_EPOCHS} unless given; "
-                        "with your own folder: all classes and 10 epochs unless given)")
+                   help=f"ImageFolder for the few-shot sets (default {DEFAULT_TRAIN}, rendered with --style gray; "
+                        f"every class and --epochs {DEFAULT_EPOCHS} unless given; "
+                        "with your own folder: every class and 10 epochs unless given)")
     p.add_argument("--data-test", type=Path, default=None,
                    help=f"ImageFolder for testing, same class folders (default {DEFAULT_TEST})")
-    p.add_argument("--style", choices=("edges", "none"), default=None,
-                   help="style transform of train and test images (default: edges for the built-in Tiny-ImageNet, "
+    p.add_argument("--style", choices=common.STYLE_CHOICES, default=None,
+                   help=f"style transform of train and test images (default: {common.DEFAULT_STYLE} for the built-in Tiny-ImageNet, "
                         "none for --data-train/--data-test folders)")
     p.add_argument("--shots", type=int, default=16, help="training images per base class (default 16)")
     common.add_common_options(p, default_methods=list(METHODS), default_epochs=None,
@@ -71,11 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_defaults(args) -> None:
-    """The reduced default (16 classes, 2 epochs) is for the built-in Tiny-ImageNet task; with the user's own
-    folders (--data-train) every class and the training CLI's 10 epochs, unless given."""
+    """2 epochs is the built-in Tiny-ImageNet task's default (what fits this CPU); with the user's own
+    folders (--data-train) the training CLI's 10 epochs, unless given."""
     builtin = args.data_train is None
     if args.limit_classes is None:
-        args.limit_classes = DEFAULT_LIMIT_CLASSES if builtin else 0
+        args.limit_classes = DEFAULT_LIMIT_CLASSES
     if args.epochs is None:
         args.epochs = DEFAULT_EPOCHS if builtin else 10
 
@@ -87,7 +88,7 @@ def prepare(args) -> dict:
     test_root = args.data_test or (DEFAULT_TEST if args.data_train is None else None)
     if test_root is None:
         raise SystemExit("error: give --data-test with --data-train (the base-to-new protocol tests on separate images)")
-    style = args.style or ("edges" if builtin else "none")
+    style = args.style or (common.DEFAULT_STYLE if builtin else "none")
     classes, missing = common.common_classes(train_root, test_root)
     if missing:
         log.warning("%d training class(es) have no test folder and are left out: %s", len(missing), ", ".join(missing))
@@ -184,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     resolve_defaults(args)
     methods = common.check_methods(args.methods)
     command = common.command_line(SCRIPT, argv)
+    lrs = common.load_lrs(args.lrs)
     started = time.time()
     data = prepare(args)
     flags = [*common.cli_args(args), "--data", str(data["train"]), "--test-data", str(data["test"]),
@@ -196,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     runs = []
     for method in methods:
         for seed in args.seeds:
-            out = common.run_method(method, seed, runs_root / method / f"seed{seed}", flags, args.fresh)
+            out = common.run_method(method, seed, runs_root / method / f"seed{seed}", flags, args.fresh, lrs)
             m = out["metrics"]
             runs.append({"method": method, "seed": seed, "base_top1": m.get("base_top1"), "new_top1": m.get("new_top1"),
                          "harmonic_mean": m.get("harmonic_mean"), "steps": m.get("steps"), "seconds": out["seconds"],
@@ -207,9 +209,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                            "epochs": args.epochs, "batch_size": args.batch_size, "seeds": args.seeds,
                            "methods": methods, "style": data["style"], "limit_classes": args.limit_classes,
                            "source_train": data["source_train"], "source_test": data["source_test"],
-                           "classnames": data["classnames"], "extra": args.extra},
+                           "classnames": data["classnames"], "extra": args.extra,
+                           "lrs": {"file": str(args.lrs) if args.lrs else None, "chosen": lrs}},
               "classes": {"base": data["base"], "new": data["new"]}, "dropped_classes": data["dropped"],
-              "method_flags": {m: METHODS[m] for m in methods}, "runs": runs,
+              "method_flags": {m: common.method_flags(m, lrs) for m in methods}, "runs": runs,
               "summary": summarize(runs, methods), "wall_seconds": time.time() - started,
               "environment": common.environment()}
     common.write_outputs(result, args.out, "base_to_new", markdown, chart)

@@ -10,7 +10,7 @@ seen in orthserve-mini's pretraining) is one folder: per (shots, seed) the train
 the K shots, and the test images are ``--test-per-class`` (default 100) per class held out of
 the same folder, disjoint from the shots (the CLI's own protocol).  With ``--data-test`` the
 whole test folder is scored instead.  All classes are trained and tested (``--subsample all``);
-no per-epoch validation.  Style transform: none unless ``--style edges``.
+no per-epoch validation.  Style transform: none unless ``--style gray`` or ``edges``.
 
 Outputs: ``--out``/fewshot_curve.md (table + the command), .json (every run), .png (curves).
 Run folders go to the cache and finished identical runs are reused (``--fresh`` retrains).
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-test", type=Path, default=None,
                    help="ImageFolder for testing (default: --test-per-class images per class held out of --data-train)")
     p.add_argument("--test-per-class", type=int, default=100, help="held-out test images per class (default 100)")
-    p.add_argument("--style", choices=("edges", "none"), default="none", help="style transform (default none)")
+    p.add_argument("--style", choices=common.STYLE_CHOICES, default="none", help="style transform (default none)")
     p.add_argument("--shots", type=int, nargs="+", default=list(DEFAULT_SHOTS), help="shots per class (default 1 2 4 8 16)")
     common.add_common_options(p, default_methods=list(METHODS), default_epochs=DEFAULT_EPOCHS,
                               default_out=REPO / "bench" / "results")
@@ -109,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     methods = common.check_methods(args.methods)
     command = common.command_line(SCRIPT, argv)
+    lrs = common.load_lrs(args.lrs)
     started = time.time()
     data = prepare(args)
     flags = [*common.cli_args(args), "--data", str(data["view"]["train"]), "--subsample", "all", "--val-shots", "0",
@@ -125,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for method in methods:
             for seed in args.seeds:
                 run_dir = runs_root / f"{shots}shot" / method / f"seed{seed}"
-                out = common.run_method(method, seed, run_dir, [*flags, "--shots", str(shots)], args.fresh)
+                out = common.run_method(method, seed, run_dir, [*flags, "--shots", str(shots)], args.fresh, lrs)
                 m = out["metrics"]
                 runs.append({"method": method, "shots": shots, "seed": seed, "top1": m.get("test", {}).get("top1"),
                              "test_images": m.get("test", {}).get("images"), "steps": m.get("steps"),
@@ -139,9 +140,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                            "methods": methods, "style": args.style, "data_train": str(args.data_train),
                            "data_test": str(args.data_test) if args.data_test else None,
                            "test_per_class": args.test_per_class, "classnames": data["classnames"],
-                           "limit_classes": args.limit_classes, "extra": args.extra},
+                           "limit_classes": args.limit_classes, "extra": args.extra,
+                           "lrs": {"file": str(args.lrs) if args.lrs else None, "chosen": lrs}},
               "classes": data["classes"], "dropped_classes": data["dropped"],
-              "method_flags": {m: METHODS[m] for m in methods}, "runs": runs, "summary": summary,
+              "method_flags": {m: common.method_flags(m, lrs) for m in methods}, "runs": runs, "summary": summary,
               "wall_seconds": time.time() - started, "environment": common.environment()}
     common.write_outputs(result, args.out, "fewshot_curve", markdown, chart)
     return result

@@ -197,7 +197,7 @@ def main() -> None:
         args.device = devices[0]
         side_by_side.append(interleaved(group, args.rounds, args))
     report = {"model": args.model, "pretrained": "none", "batch_size": args.batch_size,
-              "image_size": open_clip.get_model_config(args.model)["vision_cfg"]["image_size"],
+              "image_size": model_image_size(args.model),
               "classes": args.classes, "warmup": args.warmup,
               "steps": args.steps, "cutout": args.cutout, "host": f"{platform.machine()}, {os.cpu_count()} CPUs",
               "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__},
@@ -212,6 +212,18 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     out.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
+
+
+def model_image_size(name: str) -> int:
+    """The image side of a model config (registers our own configs, e.g. orthserve-mini, first)."""
+    import open_clip
+
+    from orthserve import mini
+    from orthserve.models import resolve_model_name
+
+    name = mini.register() if name == mini.MODEL_NAME else resolve_model_name(name)
+    size = open_clip.get_model_config(name)["vision_cfg"]["image_size"]
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
 if __name__ == "__main__":

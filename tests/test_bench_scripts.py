@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark scripts (bench/base_to_new.py, bench/fewshot_curve.py, bench/train_step.py).
+"""Smoke tests of the benchmark scripts (base_to_new, fewshot_curve, lr_sweep, train_step in bench/).
 
 orthserve-tiny with random weights, 2 classes, 1 shot, 1 seed, 2 methods, 1 epoch: checks the
 plumbing (styled cache, class views, runs through the training CLI, table / JSON / chart), not accuracy.
@@ -29,7 +29,7 @@ def test_base_to_new_smoke(tmp_path):
                                "--cache-dir", str(cache)])
     assert {p.name for p in out.iterdir()} >= {"base_to_new.md", "base_to_new.json", "base_to_new.png"}
     data = json.loads((out / "base_to_new.json").read_text())
-    assert data["settings"]["style"] == "edges" and len(data["classes"]["base"]) == 1 and len(data["classes"]["new"]) == 1
+    assert data["settings"]["style"] == "gray" and len(data["classes"]["base"]) == 1 and len(data["classes"]["new"]) == 1
     assert sorted(data["dropped_classes"]) == ["n02480855", "n10148035"]  # no val images
     assert [r["method"] for r in data["runs"]] == METHODS
     table = (out / "base_to_new.md").read_text()
@@ -41,7 +41,7 @@ def test_base_to_new_smoke(tmp_path):
         line = next(l for l in table.splitlines() if l.startswith(f"| {base_to_new.METHOD_LABELS[method]} |"))
         assert f"{row['base']['mean'] * 100:.1f}" in line and f"{row['new']['mean'] * 100:.1f}" in line
     # styled images live in the cache, as an ImageFolder the CLI read; a second call reuses the runs
-    assert any((cache / "styled").glob("tiny-imagenet-train-edges-v1-*/n*/*.png"))
+    assert any((cache / "styled").glob("tiny-imagenet-train-gray-v1-*/n*/*.png"))
     again = base_to_new.main([*TINY, "--limit-classes", "2", "--shots", "1", "--out", str(out),
                               "--cache-dir", str(cache), "--methods", "zeroshot"])
     assert again["runs"][0]["reused"] and again["runs"][0]["base_top1"] == result["runs"][0]["base_top1"]
@@ -65,6 +65,52 @@ def test_fewshot_curve_smoke(tmp_path):
         assert run["test_images"] == 10
         line = next(l for l in table.splitlines() if l.startswith(f"| {fewshot_curve.METHOD_LABELS[method]} |"))
         assert f"{stat['mean'] * 100:.1f}" in line
+
+
+@requires_data
+def test_lr_sweep_chooses_on_validation_and_feeds_the_benchmarks(tmp_path):
+    """The sweep trains each method at each factor, picks the best validation top-1, and
+    ``--lrs`` passes the chosen rates to the benchmark's runs (Cutout variants: their parent's)."""
+    import fewshot_curve
+    import lr_sweep
+
+    out, cache = tmp_path / "results", tmp_path / "cache"
+    result = lr_sweep.main(["--model", "orthserve-tiny", "--pretrained", "none", "--epochs", "1", "--limit-classes", "4",
+                            "--shots", "2", "--val-shots", "2", "--factors", "1", "10", "--methods", "lora",
+                            "orthcr-reg-cutout", "--out", str(out), "--cache-dir", str(cache)])
+    assert [r["method"] for r in result["runs"]] == ["lora", "lora", "orthcr-reg", "orthcr-reg"]
+    assert [r["lr"] for r in result["runs"][:2]] == pytest.approx([2e-4, 2e-3])
+    for method in ("lora", "orthcr-reg"):
+        row = result["table"][method]
+        best = max(row["scores"].values())
+        assert row["scores"][repr(row["chosen_factor"])] == best
+        assert result["chosen"][method] == pytest.approx(row["default"] * row["chosen_factor"])
+    assert result["chosen"]["orthcr-reg-cutout"] == result["chosen"]["orthcr-reg"]
+    for run in result["runs"]:  # validation came from the training folder: 2 base classes x 2 images
+        assert "--val-shots" in run["argv"] and run["val_top1"] is not None
+    assert "**" in (out / "lr_sweep.md").read_text() and (out / "lr_sweep.png").is_file()
+
+    curve = fewshot_curve.main([*TINY, "--limit-classes", "2", "--shots", "1", "--test-per-class", "2",
+                                "--lrs", str(out / "lr_sweep.json"), "--out", str(tmp_path / "curve"),
+                                "--cache-dir", str(cache)])
+    run = next(r for r in curve["runs"] if r["method"] == "orthcr-reg-cutout")
+    assert float(run["argv"][run["argv"].index("--lr") + 1]) == pytest.approx(result["chosen"]["orthcr-reg-cutout"])
+    assert "--lr" not in next(r for r in curve["runs"] if r["method"] == "zeroshot")["argv"]
+    assert "Learning rates from" in (tmp_path / "curve" / "fewshot_curve.md").read_text()
+
+
+def test_bad_lrs_file_is_refused(tmp_path):
+    import common
+
+    with pytest.raises(FileNotFoundError, match="lr_sweep"):
+        common.load_lrs(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"chosen": {"lora": -1}}))
+    with pytest.raises(ValueError, match="positive"):
+        common.load_lrs(bad)
+    bad.write_text(json.dumps({"chosen": {"nope": 1e-3}}))
+    with pytest.raises(ValueError, match="unknown method"):
+        common.load_lrs(bad)
 
 
 def test_unknown_method_is_refused(tmp_path):

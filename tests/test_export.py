@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import collections
 import json
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 
 import export
 from export import verify
+from conftest import REPO, requires_data
 from export_helpers import CLASSES, METHODS, TINY, base_checkpoint, make_run
 from orthserve.artifact import load_artifact
 from orthserve.runs import load_run
@@ -116,6 +119,28 @@ def test_variant_figures(all_artifact):
     int8 = onnx_embed(all_artifact, "image", images, "int8")  # the service runs it with default options
     assert verify.cosine_stats(int8, fp32)["cosine_min"] >= 0.98
     assert onnx.load(str(all_artifact.onnx_path("image", "fp16"))).graph.input[0].type.tensor_type.elem_type == 1
+
+
+@requires_data
+def test_int8_fidelity_benchmark_on_an_artifact(all_artifact, tmp_path):
+    """bench/inference.py --fidelity-only: int8 vs fp32 of an artifact on both real image sets, with verdicts."""
+    out = tmp_path / "results"
+    done = subprocess.run([sys.executable, "bench/inference.py", "--fidelity-only", str(all_artifact.root),
+                           "--accuracy-images", "4", "--tiny-per-class", "1", "--threads", "1", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "int8_fidelity.json").read_text())
+    fidelity = report["results"][0]["int8_fidelity"]
+    assert fidelity["hymenoptera-val"]["images"] == 4 and fidelity["tiny-imagenet val"]["images"] == 200
+    assert set(fidelity["hymenoptera-val"]["label_sets"]) == {"ants/bees", "tiny-imagenet 202 names"}
+    for row in fidelity.values():
+        assert row["image_cosine_min"] >= 0.98
+        for figures in row["label_sets"].values():
+            assert 0.0 <= figures["top1_agreement_image_only"] <= 1.0
+    assert len(report["verdicts"]) == 5 and "int8 image tower top-1 agreement" in (out / "int8_fidelity.md").read_text()
+    refused = subprocess.run([sys.executable, "bench/inference.py", "--fidelity-only", str(tmp_path)],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "manifest" in refused.stderr
 
 
 def test_open_clip_checkpoint_loads(all_artifact):
