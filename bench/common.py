@@ -202,9 +202,21 @@ def styled_copy(source: Path, classes: Iterable[str], style: str, cache: Path) -
 
 # --------------------------------------------------------------------------- runs
 
+def default_lr(method: str) -> float:
+    """The training CLI's default learning rate for a benchmark method."""
+    from training.finetune import DEFAULT_LR
+
+    flags = METHODS[method]
+    return DEFAULT_LR[flags[flags.index("--method") + 1]]
+
+
 def method_flags(method: str, lrs: dict[str, float] | None = None) -> list[str]:
-    """The CLI flags of a benchmark method, plus ``--lr`` where ``lrs`` (from ``--lrs``) names one."""
-    return [*METHODS[method], *(["--lr", repr(float(lrs[method]))] if lrs and method in lrs else [])]
+    """The CLI flags of a benchmark method, plus ``--lr`` where ``lrs`` (from ``--lrs``) names a rate other
+    than the CLI's default (so runs at the default keep their flags and are reused from the cache)."""
+    lr = (lrs or {}).get(method)
+    if method == "zeroshot" or lr is None or math.isclose(lr, default_lr(method), rel_tol=1e-9):
+        return list(METHODS[method])
+    return [*METHODS[method], "--lr", repr(float(lr))]
 
 
 def load_lrs(path: Path | None) -> dict[str, float]:

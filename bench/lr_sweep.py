@@ -48,13 +48,6 @@ INHERITS = {"orthcr-reg-cutout": "orthcr-reg", "orthcr-reg-attentive": "orthcr-r
 FACTORS = (0.2, 1.0, 5.0, 25.0, 125.0)
 
 
-def default_lr(method: str) -> float:
-    from training.finetune import DEFAULT_LR
-
-    flags = common.METHODS[method]
-    return DEFAULT_LR[flags[flags.index("--method") + 1]]
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python {SCRIPT}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     runs, table = [], {}
     swept = list(dict.fromkeys(INHERITS.get(m, m) for m in methods))  # Cutout variants: their parent's rate
     for method in swept:
-        default, scores, losses = default_lr(method), {}, {}
+        default, scores, losses = common.default_lr(method), {}, {}
         for factor in args.factors:
             lr = default * factor
             for seed in args.seeds:

@@ -71,6 +71,7 @@ def test_fewshot_curve_smoke(tmp_path):
 def test_lr_sweep_chooses_on_validation_and_feeds_the_benchmarks(tmp_path):
     """The sweep trains each method at each factor, picks the best validation top-1, and
     ``--lrs`` passes the chosen rates to the benchmark's runs (Cutout variants: their parent's)."""
+    import common
     import fewshot_curve
     import lr_sweep
 
@@ -94,7 +95,12 @@ def test_lr_sweep_chooses_on_validation_and_feeds_the_benchmarks(tmp_path):
                                 "--lrs", str(out / "lr_sweep.json"), "--out", str(tmp_path / "curve"),
                                 "--cache-dir", str(cache)])
     run = next(r for r in curve["runs"] if r["method"] == "orthcr-reg-cutout")
-    assert float(run["argv"][run["argv"].index("--lr") + 1]) == pytest.approx(result["chosen"]["orthcr-reg-cutout"])
+    if result["table"]["orthcr-reg"]["chosen_factor"] == 1.0:  # the CLI default: no flag, runs stay reusable
+        assert "--lr" not in run["argv"]
+    else:
+        assert float(run["argv"][run["argv"].index("--lr") + 1]) == pytest.approx(result["chosen"]["orthcr-reg-cutout"])
+    assert common.method_flags("lora", {"lora": 2e-4}) == common.METHODS["lora"]  # 2e-4 is LoRA's default
+    assert common.method_flags("lora", {"lora": 5e-3})[-2:] == ["--lr", "0.005"]
     assert "--lr" not in next(r for r in curve["runs"] if r["method"] == "zeroshot")["argv"]
     assert "Learning rates from" in (tmp_path / "curve" / "fewshot_curve.md").read_text()
 
