@@ -185,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     resolve_defaults(args)
     methods = common.check_methods(args.methods)
     command = common.command_line(SCRIPT, argv)
-    lrs = common.load_lrs(args.lrs)
+    lrs = common.learning_rates(args)
     started = time.time()
     data = prepare(args)
     flags = [*common.cli_args(args), "--data", str(data["train"]), "--test-data", str(data["test"]),
@@ -210,7 +210,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                            "methods": methods, "style": data["style"], "limit_classes": args.limit_classes,
                            "source_train": data["source_train"], "source_test": data["source_test"],
                            "classnames": data["classnames"], "extra": args.extra,
-                           "lrs": {"file": str(args.lrs) if args.lrs else None, "chosen": lrs}},
+                           "lrs": {"file": str(args.lrs) if args.lrs else None, "overrides": args.lr or [],
+                                   "chosen": lrs}},
               "classes": {"base": data["base"], "new": data["new"]}, "dropped_classes": data["dropped"],
               "method_flags": {m: common.method_flags(m, lrs) for m in methods}, "runs": runs,
               "summary": summarize(runs, methods), "wall_seconds": time.time() - started,

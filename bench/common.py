@@ -219,6 +219,21 @@ def method_flags(method: str, lrs: dict[str, float] | None = None) -> list[str]:
     return [*METHODS[method], "--lr", repr(float(lr))]
 
 
+def learning_rates(args) -> dict[str, float]:
+    """Per-method learning rates: ``--lrs FILE`` (lr_sweep's choice), then ``--lr METHOD=VALUE`` over it."""
+    lrs = load_lrs(args.lrs)
+    for item in args.lr or []:
+        method, _, value = item.partition("=")
+        try:
+            lr = float(value)
+        except ValueError:
+            lr = -1.0
+        if method not in METHODS or lr <= 0:
+            raise ValueError(f"--lr {item!r}: expected METHOD=RATE with one of {', '.join(METHODS)} and a positive rate")
+        lrs[method] = lr
+    return lrs
+
+
 def load_lrs(path: Path | None) -> dict[str, float]:
     """``--lrs FILE``: the ``chosen`` learning rates of ``bench/lr_sweep.py``'s JSON (method -> lr)."""
     if path is None:
@@ -308,6 +323,8 @@ def add_common_options(p, *, default_methods: Sequence[str], default_epochs: int
     p.add_argument("--lrs", type=Path, default=None, metavar="FILE",
                    help="per-method learning rates chosen by bench/lr_sweep.py (its JSON, e.g. bench/results/lr_sweep.json); "
                         "default: the training CLI's per-method defaults")
+    p.add_argument("--lr", action="append", metavar="METHOD=RATE",
+                   help="a learning rate for one method (repeatable; over --lrs), e.g. --lr lora=0.005")
     p.add_argument("--extra", default="", help="more training CLI flags, one quoted string (e.g. \"--lr 1e-4\"); "
                    "applied to every method")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
@@ -342,8 +359,11 @@ def report_footer(result: dict, name: str) -> list[str]:
              f"(cuda: {result['environment']['cuda']}). Every run's flags are in {name}.json.", ""]
     lrs = result["settings"].get("lrs") or {}
     if lrs.get("chosen"):
-        lines += [f"Learning rates from `{lrs['file']}` (bench/lr_sweep.py, chosen on validation images): "
-                  + ", ".join(f"{m} {v:g}" for m, v in lrs["chosen"].items())
+        source = " and ".join([*([f"from `{lrs['file']}` (bench/lr_sweep.py, chosen on validation images)"]
+                                 if lrs.get("file") else []),
+                               *([f"given with {' '.join('--lr ' + x for x in lrs['overrides'])}"]
+                                 if lrs.get("overrides") else [])])
+        lines += [f"Learning rates {source}: " + ", ".join(f"{m} {v:g}" for m, v in lrs["chosen"].items())
                   + "; every other method: the training CLI's default.", ""]
     if result["settings"]["pretrained"] == "none":
         lines += ["**Random weights (`--pretrained none`): these numbers only check the pipeline; "

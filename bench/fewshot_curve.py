@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     methods = common.check_methods(args.methods)
     command = common.command_line(SCRIPT, argv)
-    lrs = common.load_lrs(args.lrs)
+    lrs = common.learning_rates(args)
     started = time.time()
     data = prepare(args)
     flags = [*common.cli_args(args), "--data", str(data["view"]["train"]), "--subsample", "all", "--val-shots", "0",
@@ -141,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                            "data_test": str(args.data_test) if args.data_test else None,
                            "test_per_class": args.test_per_class, "classnames": data["classnames"],
                            "limit_classes": args.limit_classes, "extra": args.extra,
-                           "lrs": {"file": str(args.lrs) if args.lrs else None, "chosen": lrs}},
+                           "lrs": {"file": str(args.lrs) if args.lrs else None, "overrides": args.lr or [],
+                                   "chosen": lrs}},
               "classes": data["classes"], "dropped_classes": data["dropped"],
               "method_flags": {m: common.method_flags(m, lrs) for m in methods}, "runs": runs, "summary": summary,
               "wall_seconds": time.time() - started, "environment": common.environment()}

@@ -124,6 +124,8 @@ def chart(result: dict, path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> dict:
     common.setup_logging()
     args = build_parser().parse_args(argv)
+    if args.lr or args.lrs:
+        raise ValueError("lr_sweep chooses the learning rates itself: --lr and --lrs do not apply")
     methods = [m for m in common.check_methods(args.methods) if m != "zeroshot"]
     if not methods:
         raise ValueError("nothing to sweep: zero-shot has no learning rate")

@@ -5,6 +5,7 @@ plumbing (styled cache, class views, runs through the training CLI, table / JSON
 """
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -117,6 +118,10 @@ def test_bad_lrs_file_is_refused(tmp_path):
     bad.write_text(json.dumps({"chosen": {"nope": 1e-3}}))
     with pytest.raises(ValueError, match="unknown method"):
         common.load_lrs(bad)
+    assert common.learning_rates(argparse.Namespace(lrs=None, lr=["lora=0.005"])) == {"lora": 0.005}
+    for item in ("lora=fast", "nope=0.1", "lora=0", "lora"):
+        with pytest.raises(ValueError, match="METHOD=RATE"):
+            common.learning_rates(argparse.Namespace(lrs=None, lr=[item]))
 
 
 def test_unknown_method_is_refused(tmp_path):
