@@ -139,20 +139,35 @@ def test_batch_and_embeddings_equal_direct(server, direct):
     assert np.allclose(t.json()["embeddings"], embed_texts(["ants", "a bee on a flower"]), atol=1e-5)
 
 
-def test_concurrent_requests_share_batches(server, direct):
-    art, embed_images, _, _, probs = direct
-    datas = [p.read_bytes() for p in photos(8)]
-    p = probs(embed_images(datas), art.class_embeddings)
-    with ThreadPoolExecutor(16) as pool:
-        responses = list(pool.map(lambda i: classify(server, datas[i % len(datas)]), range(48)))
-    for i, r in enumerate(responses):
-        assert r.status_code == 200, r.text
-        check_predictions(r.json()["predictions"], art.classnames, p[i % len(datas)])
+def encode_batch_stats(server) -> tuple[float, float]:
+    """(calls, images) of the batched image encoder so far, from the Prometheus metrics."""
     metrics = server.get("/metrics").text
     count = sum(float(v) for v in re.findall(r'adaptive_batch_size_count\{[^}]*method_name="encode"[^}]*\} (\S+)', metrics))
     total = sum(float(v) for v in re.findall(r'adaptive_batch_size_sum\{[^}]*method_name="encode"[^}]*\} (\S+)', metrics))
-    assert count > 0 and total >= 48
-    assert total / count > 1.0, f"mean batch size {total / count:.2f}: concurrent requests were not batched"
+    return count, total
+
+
+def test_concurrent_requests_share_batches(server, direct):
+    """Bursts of 48 requests from 16 threads: every answer right, and the encoder sees batches > 1.
+    BentoML's dispatcher learns the encoder's latency first and may send a fast model's first burst
+    one by one, so up to three bursts are sent; batching must show in at least one of them."""
+    art, embed_images, _, _, probs = direct
+    datas = [p.read_bytes() for p in photos(8)]
+    p = probs(embed_images(datas), art.class_embeddings)
+    means = []
+    for _ in range(3):
+        calls_before, images_before = encode_batch_stats(server)
+        with ThreadPoolExecutor(16) as pool:
+            responses = list(pool.map(lambda i: classify(server, datas[i % len(datas)]), range(48)))
+        for i, r in enumerate(responses):
+            assert r.status_code == 200, r.text
+            check_predictions(r.json()["predictions"], art.classnames, p[i % len(datas)])
+        calls, images = encode_batch_stats(server)
+        assert calls > calls_before and images - images_before >= 48
+        means.append((images - images_before) / (calls - calls_before))
+        if means[-1] > 1.0:
+            break
+    assert max(means) > 1.0, f"mean batch sizes {means}: concurrent requests were not batched"
 
 
 def test_bad_input_over_http_and_still_ready(server):
