@@ -172,11 +172,7 @@ def chart(result: dict, path: Path) -> None:
     s = result["settings"]
     ax.set(ylabel="top-1 (%)", title=f"base-to-new, {s['model']} ({s['pretrained']}), {s['shots']}-shot, "
                                      f"{len(result['classes']['base'])}+{len(result['classes']['new'])} classes")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.finish_chart(fig, ax, path, legend_size=8, grid_axis="y")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -408,6 +408,15 @@ def pyplot():
     return plt
 
 
+def finish_chart(fig, ax, path: Path, legend_size: int = 7, grid_axis: str = "both") -> None:
+    """Legend, light grid, tight layout, write ``path`` (PNG, 100 dpi) and free the figure."""
+    ax.legend(fontsize=legend_size)
+    ax.grid(axis=grid_axis, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+
+
 def setup_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)

@@ -97,11 +97,7 @@ def chart(result: dict, path: Path) -> None:
     s = result["settings"]
     ax.set(xlabel="shots per class", ylabel="top-1 (%)",
            title=f"few-shot curve, {s['model']} ({s['pretrained']}), {Path(s['data_train']).name}")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.finish_chart(fig, ax, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -114,11 +114,7 @@ def chart(result: dict, path: Path) -> None:
     ax.set_xscale("log")
     ax.set(xlabel="learning rate / the CLI default", ylabel="validation top-1 (%)",
            title=f"learning-rate sweep, {result['settings']['model']}")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.finish_chart(fig, ax, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
