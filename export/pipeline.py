@@ -111,9 +111,10 @@ def build(source: Source, root: Path, variants: Sequence[str] = (), images_dir: 
     inputs = {"image": images, "text": tokens.numpy()}
     parity: dict = {"reference": "unfolded adapted PyTorch model (fp32, CPU)", "tolerance": tolerance,
                     "images": image_source, "texts": len(texts)}
-    fp32, nodes = {}, {}
+    fp32, nodes, fusions = {}, {}, {}
     for component in COMPONENTS:  # check each tower as soon as it exists: fail fast
-        path = export_tower(source.model, component, examples[component], root / onnx_file(component), opset)
+        path = root / onnx_file(component)
+        fusions[component] = export_tower(source.model, component, examples[component], path, opset)
         fp32[component] = verify.OnnxRunner(path)(inputs[component])
         nodes[component] = len(onnx.load(str(path), load_external_data=False).graph.node)
         parity[component] = _checked(component, fp32[component], ref[component], tolerance)
@@ -157,6 +158,7 @@ def build(source: Source, root: Path, variants: Sequence[str] = (), images_dir: 
         "opset": opset,
         "exporter": "torch.onnx.export(dynamo=True)",
         "graph_nodes": nodes,
+        "graph_fusions": fusions,
         "checkpoint": {"file": CHECKPOINT_FILE, "open_clip_model": source.name},
         "files": file_entries(root, files),
         "variants": variant_files,

@@ -6,11 +6,20 @@ We export with the ``torch.export``-based exporter (``dynamo=True``): on torch 2
 it handles open_clip's ViT / ``nn.MultiheadAttention`` and the Hugging Face BERT text
 tower, yields ~3x fewer nodes than the deprecated TorchScript exporter, and is
 PyTorch's supported path.
+
+The exported graphs are then fused for onnxruntime (``fuse_for_onnxruntime``): attention
+becomes one ``MultiHeadAttention`` node and erf-GELU one ``BiasGelu`` node (onnxruntime's
+contrib ops), which roughly halves the non-matmul work of a small ViT on CPU
+(bench/results/inference.md).  For the attention fusion to find its pattern, open_clip's
+``nn.MultiheadAttention`` layers are exported through ``sdpa_attention``: the same weights
+and math written as three projections and ``F.scaled_dot_product_attention``.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
+import logging
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -52,8 +61,81 @@ def check_opset(opset: int) -> int:
     return opset
 
 
-def export_tower(model: nn.Module, component: str, example: torch.Tensor, path: Path, opset: int = DEFAULT_OPSET) -> Path:
-    """Export one tower of a (folded) CLIP model to a single self-contained ONNX file.
+def _sdpa_forward(mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                  attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                  is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``nn.MultiheadAttention.forward`` (batch first, eval) as q/k/v projections + SDPA; calls that ask for
+    more (attention weights, a padding mask, training) take the class's own forward."""
+    if need_weights or key_padding_mask is not None or is_causal or mha.training:
+        return nn.MultiheadAttention.forward(mha, query, key, value, key_padding_mask, need_weights, attn_mask,
+                                             average_attn_weights, is_causal)
+    batch, length, width = query.shape
+    heads = mha.num_heads
+    if attn_mask is not None and attn_mask.dtype == torch.bool:  # MHA: True = masked out; SDPA: True = kept
+        attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype).masked_fill(attn_mask, float("-inf"))
+    if attn_mask is not None and attn_mask.dim() == 3:  # MHA's [batch * heads, L, S]
+        attn_mask = attn_mask.view(batch, heads, *attn_mask.shape[1:])
+
+    def project(x: torch.Tensor, i: int) -> torch.Tensor:  # slices, not chunk(): they fold into initializers
+        rows = slice(i * width, (i + 1) * width)
+        bias = mha.in_proj_bias[rows] if mha.in_proj_bias is not None else None
+        return F.linear(x, mha.in_proj_weight[rows], bias).view(batch, -1, heads, width // heads).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(project(query, 0), project(key, 1), project(value, 2), attn_mask=attn_mask)
+    return mha.out_proj(out.transpose(1, 2).reshape(batch, length, width)), None
+
+
+@contextlib.contextmanager
+def sdpa_attention(model: nn.Module):
+    """Within the block, the batch-first ``nn.MultiheadAttention`` layers of ``model`` whose q, k and v share
+    one width run ``_sdpa_forward`` (same weights, same function; tests/test_export.py checks it)."""
+    layers = [m for m in model.modules()
+              if isinstance(m, nn.MultiheadAttention) and m.batch_first and m._qkv_same_embed_dim]
+    for layer in layers:
+        layer.forward = functools.partial(_sdpa_forward, layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward  # the class's forward again
+
+
+def fuse_for_onnxruntime(path: Path) -> dict[str, int]:
+    """Rewrite the graph at ``path`` in place with onnxscript's onnxruntime fusions; returns their counts.
+
+    Only the fusions that pay on CPU and GPU alike: attention (SDPA -> MultiHeadAttention with its
+    biases) and GELU (-> BiasGelu).  Left out: SkipLayerNormalization (onnxruntime 1.31's CPU kernel
+    is about 3x slower than Add + LayerNormalization) and packing q/k/v into one ``Attention`` node
+    (onnxruntime's dynamic quantizer skips it, keeping the projections in fp32).  Constants are
+    folded afterwards, so every projection weight is an initializer again (int8 can quantize it).
+    """
+    import onnx_ir as ir
+    from onnx_ir.passes.common import ShapeInferencePass
+    from onnxscript import optimizer
+    from onnxscript.rewriter.ort_fusions import bias_gelu, erfgelu, mha, mha_bias, mha_scale, sdpa, shape_optimization
+
+    model = ir.load(str(path))
+    # the constant folder logs a warning for each shape expression it leaves to onnxruntime
+    logging.getLogger("onnxscript.optimizer").setLevel(logging.ERROR)
+    ShapeInferencePass()(model)  # the shapes the attention patterns check
+    optimizer.optimize(model)
+    shape_optimization.rules.apply_to_model(model)
+    optimizer.optimize(model)
+    counts = {"gelu": erfgelu.fuse_erfgelu(model), "sdpa": sdpa.fuse_sdpa(model, apply_shape_inference=True)}
+    counts["multi_head_attention"] = mha.fuse_mha1(model) + mha.fuse_mha2(model)
+    mha_scale.fuse_mha_scale(model)
+    mha_bias.fuse_mha_bias(model)
+    counts["bias_gelu"] = bias_gelu.fuse_bias_gelu(model)
+    optimizer.optimize(model, input_size_limit=1 << 40, output_size_limit=1 << 40)
+    ir.save(model, str(path))
+    return counts
+
+
+def export_tower(model: nn.Module, component: str, example: torch.Tensor, path: Path,
+                 opset: int = DEFAULT_OPSET) -> dict[str, int]:
+    """Export one tower of a (folded) CLIP model to a single self-contained ONNX file, fused for
+    onnxruntime; returns the fusion counts.
 
     ``example`` needs a batch of at least 2 so the batch axis is not specialized to 1.
     """
@@ -62,12 +144,14 @@ def export_tower(model: nn.Module, component: str, example: torch.Tensor, path: 
     input_name = INPUT_NAMES[component]
     batch = torch.export.Dim("batch", min=1)
     # the exporter prints progress lines and warns about things that do not concern us
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad(), \
+            sdpa_attention(wrapper):
         warnings.simplefilter("ignore")
         torch.onnx.export(wrapper, (example,), str(path), input_names=[input_name], output_names=["embeddings"],
                           opset_version=opset, dynamo=True, dynamic_shapes=({0: batch},), external_data=False)
+    fusions = fuse_for_onnxruntime(path)
     onnx.checker.check_model(str(path))
-    return path
+    return fusions
 
 
 def to_fp16(source: Path, target: Path) -> Path:
@@ -84,12 +168,15 @@ def to_fp16(source: Path, target: Path) -> Path:
 
 
 def to_int8(source: Path, target: Path) -> Path:
-    """Dynamic int8 quantization of the weights (activations quantized on the fly), for CPUs."""
+    """Dynamic int8 quantization of the matrix multiplies (weights per channel, activations on the fly),
+    for CPUs.  The patch-embedding convolution stays fp32: onnxruntime's ConvInteger took 10% of the
+    int8 image tower's time for 1% of its work, and the first layer's precision carries through."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul", "Gemm"])
     return target
 
 

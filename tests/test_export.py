@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import export
-from export import verify
+from export import towers, verify
 from conftest import REPO, requires_data
 from export_helpers import CLASSES, METHODS, TINY, base_checkpoint, make_run
 from orthserve.artifact import load_artifact
@@ -102,6 +102,43 @@ def test_folded_graph_has_no_adapter_nodes(all_artifact, method_artifacts):
         assert adapted == base, component
         assert sum(adapted.values()) == all_artifact.manifest["graph_nodes"][component]
         assert len(graphs[0].initializer) == len(graphs[1].initializer)
+
+
+def test_graphs_are_fused_for_onnxruntime(all_artifact):
+    """Attention is one MultiHeadAttention node per layer, GELU one BiasGelu; int8 quantizes every
+    weight matrix multiply and keeps the patch convolution in fp32."""
+    layers = {"image": 2, "text": 2}  # orthserve-tiny
+    for component, count in layers.items():
+        ops = collections.Counter(n.op_type for n in onnx.load(str(all_artifact.onnx_path(component))).graph.node)
+        assert ops["MultiHeadAttention"] == ops["BiasGelu"] == count, (component, ops)
+        assert not {"Softmax", "Erf"} & set(ops), (component, ops)
+        assert all_artifact.manifest["graph_fusions"][component]["multi_head_attention"] == count
+    int8 = onnx.load(str(all_artifact.onnx_path("image", "int8"))).graph
+    weights = {init.name for init in int8.initializer}
+    assert not [n.name for n in int8.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
+    ops = collections.Counter(n.op_type for n in int8.node)
+    assert ops["Conv"] == 1 and "ConvInteger" not in ops and ops["MatMulInteger"] > 0
+
+
+@pytest.mark.parametrize("case", ["self", "cross", "float-mask", "bool-mask", "3d-mask", "with-weights", "padding"])
+def test_sdpa_attention_is_multihead_attention(case):
+    """The export-time attention (projections + SDPA) computes nn.MultiheadAttention's function."""
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    query = torch.randn(3, 5, 32)
+    memory = torch.randn(3, 7, 32) if case == "cross" else query
+    causal = torch.triu(torch.ones(5, 5, dtype=torch.bool), 1)
+    mask = {"float-mask": torch.zeros(5, 5).masked_fill(causal, float("-inf")), "bool-mask": causal,
+            "3d-mask": torch.randn(3 * 4, 5, 5)}.get(case)
+    options = {"need_weights": case == "with-weights", "attn_mask": mask,  # these two take MHA's own forward
+               "key_padding_mask": torch.tensor([[False] * 4 + [True]] * 3) if case == "padding" else None}
+    with torch.no_grad():
+        expected = mha(query, memory, memory, **options)
+        with towers.sdpa_attention(mha):
+            got = mha(query, memory, memory, **options)
+    torch.testing.assert_close(got[0], expected[0], atol=1e-6, rtol=1e-5)
+    assert (got[1] is None) == (expected[1] is None)
+    assert "forward" not in vars(mha)  # the class's own forward again
 
 
 def test_variant_figures(all_artifact):
