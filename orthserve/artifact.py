@@ -163,11 +163,13 @@ def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
 
 
 def ort_session(path: str | Path, variant: str = "fp32", providers: Sequence[str] = ("CPUExecutionProvider",),
-                threads: int | None = None, log_severity: int = 3):
+                threads: int | None = None, log_severity: int = 3, spinning: bool = True):
     """The one way we open an onnxruntime session (export verification, service, benchmarks).
 
     Disables the graph optimizers that crash onnxruntime on some variants
     (``ORT_DISABLED_OPTIMIZERS``); ``threads`` sets intra-op threads (None: onnxruntime's default).
+    ``spinning=False`` stops idle intra-op threads from busy-waiting for work: right for a server whose
+    other processes (HTTP, decoding) need the same cores, wrong for one process that only runs the model.
     """
     import onnxruntime as ort
 
@@ -178,5 +180,7 @@ def ort_session(path: str | Path, variant: str = "fp32", providers: Sequence[str
         options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=list(providers),
                                 disabled_optimizers=ORT_DISABLED_OPTIMIZERS.get(variant))

@@ -70,18 +70,23 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, image_size: 
                                    f"{image_size} would make more than {max_pixels} pixels")
         image.seek(0)
         image.load()
-        image = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # no copy of the full-size image when nothing turns
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):
             array = np.asarray(image, dtype=np.float64)
             top = 65535.0 if array.max() > 255 else 255.0
             image = Image.fromarray((array * (255.0 / top)).clip(0, 255).astype(np.uint8), "L")
-        return image.convert("RGB")
+        return _rgb(image)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as err:
         raise ImageDecodeError(f"image too large (decompression bomb guard): {err}") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageDecodeError(f"not a readable image: {err}") from err
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """``image.convert("RGB")`` without its copy of an image that already is RGB."""
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
@@ -110,7 +115,7 @@ def preprocess(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     """RGB Pillow image -> float32 ``[3, H, W]`` normalized pixels."""
     if spec.resize_mode != "shortest":
         raise ValueError(f"resize mode {spec.resize_mode!r} is not supported (only 'shortest')")
-    image = center_crop(resize_shorter_side(image.convert("RGB"), spec.image_size, spec.interpolation), spec.image_size)
+    image = center_crop(resize_shorter_side(_rgb(image), spec.image_size, spec.interpolation), spec.image_size)
     pixels = np.asarray(image, dtype=np.float32) / 255.0
     pixels = (pixels - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))

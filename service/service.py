@@ -80,7 +80,8 @@ class Classifier:
                 raise RequestError("this model has no classes of its own: pass 'labels'")
             return list(self.artifact.classnames), self.artifact.class_embeddings
         labels = check_texts(labels, self.limits)
-        return labels, await self.in_thread(self.text.label_embeddings, labels)
+        cached = self.text.cached(labels)  # a repeated label set skips the hop to a worker thread
+        return labels, cached if cached is not None else await self.in_thread(self.text.label_embeddings, labels)
 
     @bentoml.api
     @json_errors

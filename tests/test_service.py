@@ -218,6 +218,11 @@ def test_missing_fields_and_wrong_content_types(client, photo_bytes):
     assert_client_error(client.post("/embed_text", json={"texts": ["t"] * 9}), 400, "too many")
     assert_client_error(client.post("/embed_text", json={"texts": ["x" * 1000]}), 400, "characters long")
     assert client.get("/classify").status_code == 405
+    # BentoML's pickle serde (its inter-service format) is never unpickled from a public request
+    import pickle
+    for path in ("/classify", "/embed_text"):
+        assert_client_error(client.post(path, content=pickle.dumps({"texts": ["a"]}),
+                                        headers={"content-type": "application/vnd.bentoml+pickle"}), 415, "pickle")
 
 
 def test_classify_batch_bad_inputs(client, photo_bytes):
@@ -275,6 +280,8 @@ def test_provider_and_variant_choice(artifact_dir, monkeypatch):
     monkeypatch.setenv("ORTHSERVE_THREADS", "1")
     encoder = OnnxEncoder(art, "image", providers=["CPUExecutionProvider"])
     assert encoder.providers == ["CPUExecutionProvider"] and encoder.variant in ("fp32", "int8")
+    # the service's sessions leave the cores to the API worker between runs (no busy-waiting threads)
+    assert encoder.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 @pytest.mark.parametrize("variant", ["fp16", "int8"])
