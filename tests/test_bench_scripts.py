@@ -146,3 +146,48 @@ def test_train_step_smoke(tmp_path):
     assert side["methods"] == ["lora", "orthcr-ce"] and len(side["step_s_all"]["orthcr-ce"]) == 2
     assert side["ratio_to_first"]["lora"] == 1.0 and side["ratio_to_first"]["orthcr-ce"] > 0
     assert "Side by side" in out.with_suffix(".md").read_text()
+
+
+def test_inference_ratios_are_paired_per_round():
+    """Two equally fast paths on a machine that slowed down in one round: the paired ratio is 1."""
+    import inference
+
+    rounds = {"a": {"8": [100.0, 40.0, 100.0]}, "b": {"8": [100.0, 40.0, 100.0]}}
+    assert inference.paired_ratio(rounds, "a", "b", "8") == 1.0
+    rounds["a"]["8"] = [90.0, 36.0, 90.0]
+    assert inference.paired_ratio(rounds, "a", "b", "8") == 0.9
+
+
+@requires_data
+def test_inference_benchmark_smoke(tmp_path):
+    """bench/inference.py --smoke on orthserve-tiny: every path timed, ratios, verdicts, table and chart."""
+    done = subprocess.run([sys.executable, "bench/inference.py", "--smoke", "--models", "orthserve-tiny",
+                           "--batches", "1", "2", "--seconds", "0.05", "--matmul-n", "256", "--accuracy-images", "8",
+                           "--tiny-per-class", "0", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "inference.json").read_text())
+    (result,) = report["results"]
+    assert set(result["ratios"]) == {"folded_over_base", "unfolded_over_base", "ort_fp32_over_folded", "int8_over_fp32"}
+    assert all(value > 0 for row in result["ratios"].values() for value in row.values())
+    assert "Ratios" in (tmp_path / "inference.md").read_text() and (tmp_path / "inference.png").stat().st_size > 0
+
+
+@requires_data
+def test_load_benchmark_smoke(tmp_path_factory, tmp_path):
+    """bench/load.py against a live `bentoml serve` it starts itself: service vs raw, zero-shot check, and where
+    the CPU time went per request (client, API worker, encoder worker)."""
+    from service_helpers import export_tiny
+
+    artifact = export_tiny(tmp_path_factory.getbasetemp())
+    done = subprocess.run([sys.executable, "bench/load.py", "--serve", str(artifact), "-c", "2", "--seconds", "2",
+                           "--images", "4", "--compare-raw", "--zero-shot-check", "--smoke", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    summary = json.loads((tmp_path / "service_vs_raw.json").read_text())
+    (row,) = summary["rows"]
+    assert row["service"]["errors"] == 0 and row["service"]["requests_ok"] > 0 and row["ratio"] > 0
+    cpu = row["service"]["cpu_ms_per_request"]
+    assert cpu["client"] > 0 and cpu["api"] > 0 and cpu["encoder"] > 0, cpu
+    assert summary["zero_shot"]["errors"] == 0
+    assert "CPU ms / request" in (tmp_path / "service_vs_raw.md").read_text()
