@@ -177,6 +177,11 @@ def corrupt(data: bytes, seed: int = 0) -> bytes:
     return bytes(arr)
 
 
+# A pickle that would create PICKLE_MARKER if anything unpickled it (protocol 2: GLOBAL os.system, a string, REDUCE).
+PICKLE_MARKER = Path("/tmp/orthserve-pickle-ran")
+PICKLE_PAYLOAD = b"\x80\x02cos\nsystem\nX\x1f\x00\x00\x00touch " + str(PICKLE_MARKER).encode() + b"\x85R."
+
+
 def cases() -> list[Case]:
     photo_img = lambda ctx: Image.open(io.BytesIO(ctx.photo)).convert("RGB").resize((120, 90))  # noqa: E731
     hostile = ["\u202eant\u202c", "نحلة", "蜜蜂", "🐝 bee 🐜", "e\u0301\u0301\u0301", "\u200b\u200bzero width",
@@ -366,6 +371,10 @@ def cases() -> list[Case]:
         Case("embed_text_wrong_content_type", "/embed_text", "4xx",
              post("/embed_text", lambda c: {"content": b'{"texts": ["a"]}', "headers": {"content-type": "text/plain"}}),
              "JSON sent as text/plain"),
+        Case("bentoml_pickle_body", "/embed_text", "4xx",
+             post("/embed_text", lambda c: {"content": PICKLE_PAYLOAD,
+                                            "headers": {"content-type": "application/vnd.bentoml+pickle"}}),
+             "a pickle in BentoML's inter-service format: must never be unpickled from a public request"),
         Case("embed_text_extra_fields", "/embed_text", "any",
              post("/embed_text", lambda c: {"json": {"texts": ["a"], **{f"k{i}": i for i in range(5000)}}}),
              "valid texts plus 5000 unknown keys", count=1),
@@ -590,6 +599,7 @@ def main() -> None:
     all_cases = [c for c in cases() if not args.only or c.name in args.only]
     assert len({c.name for c in all_cases}) == len(all_cases)
     scale = "full" if args.load_seconds >= 60 or args.load_seconds == 0 else "smoke"
+    PICKLE_MARKER.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="orthserve-bad-inputs-") as tmp:
         if args.url:
             context = external(args.url, args.server_pid)
@@ -622,8 +632,9 @@ def main() -> None:
         summary = {"cases": len(results), "passed": len(results) - len(failed), "failed": len(failed),
                    "server_errors": sum(1 for r in results if r["status"] >= 500),
                    "no_response": sum(1 for r in results if r["status"] == 0),
-                   "readyz_after": readyz, "normal_after": normal,
-                   "pass": not failed and readyz == 200 and normal == 200 and (load is None or load["pass"])}
+                   "readyz_after": readyz, "normal_after": normal, "pickle_ran": PICKLE_MARKER.exists(),
+                   "pass": (not failed and readyz == 200 and normal == 200 and not PICKLE_MARKER.exists()
+                            and (load is None or load["pass"]))}
         report = {"scale": scale, "server": server.url if args.url else "bentoml serve started by this script (loopback)",
                   "model": info.get("model"), "limits": info.get("limits"), "summary": summary, "cases": results,
                   "server_log": log, "load": load, "load_average": os.getloadavg(),
