@@ -36,7 +36,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from server import PHOTOS, external, photo_paths, require_loopback, serve  # noqa: E402  (bench/ is sys.path[0])
+from server import PHOTOS, external, photo_paths, require_loopback, serve, server_processes  # noqa: E402  (bench/ is sys.path[0])
 
 BATCH_RE = r'bentoml_service_adaptive_batch_size_{}\{{[^}}]*method_name="encode"[^}}]*\}} (\S+)'
 DEFAULT_LABELS = '["ant", "bee", "wasp", "fly", "butterfly", "flower", "leaf", "spider"]'
@@ -82,16 +82,11 @@ def cpu_seconds(server_pid: int | None) -> dict[str, float]:
         return times.user + times.system
 
     out = {"client": total(psutil.Process())}
-    if server_pid is None:
-        return out
-    with contextlib.suppress(psutil.NoSuchProcess):
-        root = psutil.Process(server_pid)
-        for proc in [root, *root.children(recursive=True)]:
-            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                cmd = " ".join(proc.cmdline())
-                role = ("encoder" if "ImageEncoder" in cmd else "api" if "_bentoml_impl.worker" in cmd
-                        else "supervisor")
-                out[role] = out.get(role, 0.0) + total(proc)
+    for proc in server_processes(server_pid):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            cmd = " ".join(proc.cmdline())
+            role = "encoder" if "ImageEncoder" in cmd else "api" if "_bentoml_impl.worker" in cmd else "supervisor"
+            out[role] = out.get(role, 0.0) + total(proc)
     return out
 
 

@@ -45,6 +45,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def server_processes(pid: int | None) -> list:
+    """``psutil.Process`` of the `bentoml serve` process ``pid`` and all its children (its workers); [] if gone."""
+    import psutil
+
+    if pid is None:
+        return []
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
 @dataclass
 class Server:
     url: str
@@ -53,14 +66,10 @@ class Server:
 
     def rss_bytes(self) -> int | None:
         """Resident memory of the server process and all its children (BentoML workers), summed."""
-        if self.pid is None:
-            return None
         import psutil
 
-        try:
-            root = psutil.Process(self.pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
+        procs = server_processes(self.pid)
+        if not procs:
             return None
         total = 0
         for proc in procs:

@@ -73,7 +73,8 @@ def _sdpa_forward(mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Te
     batch, length, width = query.shape
     heads = mha.num_heads
     if attn_mask is not None and attn_mask.dtype == torch.bool:  # MHA: True = masked out; SDPA: True = kept
-        attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype).masked_fill(attn_mask, float("-inf"))
+        attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            attn_mask, float("-inf"))
     if attn_mask is not None and attn_mask.dim() == 3:  # MHA's [batch * heads, L, S]
         attn_mask = attn_mask.view(batch, heads, *attn_mask.shape[1:])
 
@@ -116,18 +117,23 @@ def fuse_for_onnxruntime(path: Path) -> dict[str, int]:
     from onnxscript.rewriter.ort_fusions import bias_gelu, erfgelu, mha, mha_bias, mha_scale, sdpa, shape_optimization
 
     model = ir.load(str(path))
-    # the constant folder logs a warning for each shape expression it leaves to onnxruntime
-    logging.getLogger("onnxscript.optimizer").setLevel(logging.ERROR)
-    ShapeInferencePass()(model)  # the shapes the attention patterns check
-    optimizer.optimize(model)
-    shape_optimization.rules.apply_to_model(model)
-    optimizer.optimize(model)
-    counts = {"gelu": erfgelu.fuse_erfgelu(model), "sdpa": sdpa.fuse_sdpa(model, apply_shape_inference=True)}
-    counts["multi_head_attention"] = mha.fuse_mha1(model) + mha.fuse_mha2(model)
-    mha_scale.fuse_mha_scale(model)
-    mha_bias.fuse_mha_bias(model)
-    counts["bias_gelu"] = bias_gelu.fuse_bias_gelu(model)
-    optimizer.optimize(model, input_size_limit=1 << 40, output_size_limit=1 << 40)
+    # the constant folder logs a warning for each shape expression it leaves to onnxruntime: quiet it here only
+    folder_log = logging.getLogger("onnxscript.optimizer")
+    level = folder_log.level
+    folder_log.setLevel(logging.ERROR)
+    try:
+        ShapeInferencePass()(model)  # the shapes the attention patterns check
+        optimizer.optimize(model)
+        shape_optimization.rules.apply_to_model(model)
+        optimizer.optimize(model)
+        counts = {"gelu": erfgelu.fuse_erfgelu(model), "sdpa": sdpa.fuse_sdpa(model, apply_shape_inference=True)}
+        counts["multi_head_attention"] = mha.fuse_mha1(model) + mha.fuse_mha2(model)
+        mha_scale.fuse_mha_scale(model)
+        mha_bias.fuse_mha_bias(model)
+        counts["bias_gelu"] = bias_gelu.fuse_bias_gelu(model)
+        optimizer.optimize(model, input_size_limit=1 << 40, output_size_limit=1 << 40)
+    finally:
+        folder_log.setLevel(level)
     ir.save(model, str(path))
     return counts
 
