@@ -281,7 +281,7 @@ def tamperings(art: Path) -> dict:
 
 
 def startup_code_refuses(path: Path) -> dict:
-    """The service's own startup path: ORTHSERVE_MODEL -> service.runtime.open_artifact (what Classifier/ImageEncoder call)."""
+    """The service's own startup path: ORTHSERVE_MODEL -> service.runtime.open_artifact (what Classifier calls)."""
     code = ("import os, sys; sys.path.insert(0, os.getcwd())\n"
             "from orthserve.artifact import ArtifactError\n"
             "from service.runtime import open_artifact, ImageModel\n"

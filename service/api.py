@@ -1,7 +1,6 @@
 """Plain helpers of the service: image uploads -> pixels, and the ``GET /model`` summary app."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import bentoml
@@ -13,8 +12,6 @@ from starlette.routing import Route
 
 from orthserve.preprocess import PreprocessSpec, preprocess
 from service.validation import Limits, RequestError, read_image
-
-log = logging.getLogger("orthserve.service")
 
 
 def prepare_images(paths: list[Path], spec: PreprocessSpec, limits: Limits) -> np.ndarray:
@@ -28,29 +25,6 @@ def prepare_images(paths: list[Path], spec: PreprocessSpec, limits: Limits) -> n
                      for i, p in enumerate(paths)])
 
 
-def _dropped_connection(err: BaseException) -> bool:
-    """The pooled connection to the encoder process closed under us (before or while reading the reply)."""
-    import aiohttp
-
-    return (isinstance(err, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError))
-            or (isinstance(err, RuntimeError) and "Connection closed" in str(err)))
-
-
-async def call_encoder(encoder, pixels: np.ndarray, attempts: int = 3) -> np.ndarray:
-    """``encoder.to_async.encode(pixels)`` (the batched image tower), retried when a pooled keep-alive
-    connection to the encoder process turns out closed (aiohttp race with uvicorn's keep-alive timeout;
-    under load aiohttp can also report it as ``RuntimeError("Connection closed.")`` while reading the
-    reply).  Encoding is a pure function, so sending it again is safe."""
-    for attempt in range(attempts):
-        try:
-            return await encoder.to_async.encode(pixels)
-        except Exception as err:
-            if attempt == attempts - 1 or not _dropped_connection(err):
-                raise
-            log.warning("connection to the image encoder dropped (%s: %s); sending again", type(err).__name__, err)
-    raise AssertionError("unreachable")
-
-
 def summary(svc) -> dict:
     """The manifest's summary plus what the service runs."""
     m = svc.artifact.manifest
@@ -60,6 +34,8 @@ def summary(svc) -> dict:
         "embed_dim": m.get("embed_dim"), "logit_scale": svc.artifact.logit_scale,
         "version": {"schema_version": m.get("schema_version"), "created": m.get("created"), **(m.get("versions") or {})},
         "variants": m.get("variants"), "preprocess": svc.artifact.preprocess.to_dict(),
+        "image_runtime": {"providers": svc.image.encoder.providers, "variant": svc.image.encoder.variant,
+                          "max_batch_size": svc.batcher.max_batch},
         "text_runtime": {"providers": svc.text.encoder.providers, "variant": svc.text.encoder.variant},
         "label_cache": {"size": len(svc.text.cache), "max": svc.text.cache_size, "hits": svc.text.hits,
                         "misses": svc.text.misses},

@@ -6,7 +6,8 @@ Environment (all optional):
   ORTHSERVE_VARIANT    auto (fp16 on GPU, else fp32) | fp32 | fp16 | int8
   ORTHSERVE_INT8       1: the int8 image tower when running on CPU; the text tower stays fp32 (label embeddings
                        are cached, and int8 text loses the most agreement: bench/results/inference.md)
-  ORTHSERVE_THREADS    intra-op threads per session (default: the CPUs this process may use)
+  ORTHSERVE_WORKERS    service processes (default: 1 with a GPU, else one per CPU up to 4)
+  ORTHSERVE_THREADS    intra-op threads per session (default: the CPUs divided among the workers)
 """
 from __future__ import annotations
 
@@ -109,13 +110,27 @@ def choose_variant(artifact: Artifact, component: str, on_gpu: bool) -> str:
     return wanted
 
 
-def default_threads() -> int:
-    if value := os.environ.get("ORTHSERVE_THREADS", "").strip():
-        return max(1, int(value))
+def available_cpus() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def default_workers() -> int:
+    """``ORTHSERVE_WORKERS``, else one service process on a GPU (one CUDA context and one batch queue feed it)
+    and up to 4 on CPU: a worker's HTTP handling runs under one GIL, so with one worker a 64 px model left a
+    third of 2 CPUs idle (2 workers: +50% req/s, bench/results/service_vs_raw.md)."""
+    if value := os.environ.get("ORTHSERVE_WORKERS", "").strip():
+        return max(1, int(value))
+    return 1 if _gpu_present() else min(4, available_cpus())
+
+
+def default_threads() -> int:
+    """``ORTHSERVE_THREADS``, else this worker's share of the CPUs (the workers' sessions must not oversubscribe)."""
+    if value := os.environ.get("ORTHSERVE_THREADS", "").strip():
+        return max(1, int(value))
+    return max(1, available_cpus() // default_workers())
 
 
 class OnnxEncoder:

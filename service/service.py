@@ -9,12 +9,12 @@ import bentoml
 import numpy as np
 
 from orthserve.artifact import Artifact
-from service.api import call_encoder, info_app, prepare_images
-from service.runtime import ImageModel, TextModel, open_artifact, rank, resolve_model
+from service.api import info_app, prepare_images
+from service.batching import Batcher
+from service.runtime import ImageModel, TextModel, default_workers, open_artifact, rank, resolve_model
 from service.validation import Limits, RequestError, RequestGuard, check_texts, check_top_k, json_errors
 
 MAX_BATCH = int(os.environ.get("ORTHSERVE_MAX_BATCH_SIZE", "32"))
-MAX_LATENCY_MS = int(os.environ.get("ORTHSERVE_MAX_LATENCY_MS", "10000"))
 # Threads for decoding, preprocessing and the text tower.  anyio's default is 40; on a small machine that
 # only adds contention, and each thread's malloc arena adds resident memory (about +250 MB under load).
 WORK_THREADS = int(os.environ.get("ORTHSERVE_WORK_THREADS", str(max(4, 2 * (os.cpu_count() or 1)))))
@@ -30,36 +30,17 @@ def artifact() -> Artifact:
     return _CHECKED if resolve_model().resolve() == Path(_CHECKED.root).resolve() else open_artifact()
 
 
-# BentoML's client to a dependency replaces its HTTP session every 100 requests / 300 s by default and closes
-# the old one with requests still in flight on it: under 32 clients about 1 encoder call in 6 was cut off
-# (and sent again by call_encoder).  The encoder is a local process, so keep one session.
-@bentoml.service(workers=1, traffic={"timeout": 60},
-                 runner_connection={"max_requests": 2**31 - 1, "max_age": 365 * 24 * 3600.0})
-class ImageEncoder:
-    """The image tower behind adaptive batching: concurrent requests share one onnxruntime call."""
-
-    def __init__(self) -> None:
-        self.model = ImageModel(artifact())
-
-    def __is_ready__(self) -> bool:
-        return self.model.ready
-
-    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH, max_latency_ms=MAX_LATENCY_MS)
-    def encode(self, pixels: np.ndarray) -> np.ndarray:
-        return self.model.encode(pixels)
-
-
 @bentoml.asgi_app(info_app, path="/")
-@bentoml.service(workers=1, traffic={"timeout": 60, "max_concurrency": 256})
+@bentoml.service(workers=default_workers(), traffic={"timeout": 60, "max_concurrency": 256})
 class Classifier:
     """Zero-shot (labels + templates) or fine-tuned classes, embeddings; bad input gets a 4xx."""
 
-    encoder = bentoml.depends(ImageEncoder)
-
     def __init__(self) -> None:
         self.limits = Limits.from_env()
-        self.text = TextModel(artifact(), int(os.environ.get("ORTHSERVE_LABEL_CACHE", "256")))
-        self.artifact = self.text.artifact
+        self.artifact = artifact()
+        self.image = ImageModel(self.artifact)
+        self.batcher = Batcher(self.image.encode, MAX_BATCH)  # adaptive batching of the image tower
+        self.text = TextModel(self.artifact, int(os.environ.get("ORTHSERVE_LABEL_CACHE", "256")))
         self.name, self.ready = str(self.artifact.manifest.get("model")), True
         self._threads: anyio.CapacityLimiter | None = None  # made on first use, inside the event loop
 
@@ -72,7 +53,7 @@ class Classifier:
 
     async def embed(self, images: list[Path]) -> np.ndarray:
         pixels = await self.in_thread(prepare_images, images, self.artifact.preprocess, self.limits)
-        return np.asarray(await call_encoder(self.encoder, pixels), dtype=np.float32)
+        return await self.batcher(pixels)
 
     async def candidates(self, labels: list[str] | None) -> tuple[list[str], np.ndarray]:
         if labels is None:

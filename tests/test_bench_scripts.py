@@ -176,7 +176,7 @@ def test_inference_benchmark_smoke(tmp_path):
 @requires_data
 def test_load_benchmark_smoke(tmp_path_factory, tmp_path):
     """bench/load.py against a live `bentoml serve` it starts itself: service vs raw, zero-shot check, and where
-    the CPU time went per request (client, API worker, encoder worker)."""
+    the CPU time went per request (client, service worker)."""
     from service_helpers import export_tiny
 
     artifact = export_tiny(tmp_path_factory.getbasetemp())
@@ -187,7 +187,8 @@ def test_load_benchmark_smoke(tmp_path_factory, tmp_path):
     summary = json.loads((tmp_path / "service_vs_raw.json").read_text())
     (row,) = summary["rows"]
     assert row["service"]["errors"] == 0 and row["service"]["requests_ok"] > 0 and row["ratio"] > 0
+    assert row["service"]["mean_batch_size"] >= 1  # the batcher's histogram reached /metrics
     cpu = row["service"]["cpu_ms_per_request"]
-    assert cpu["client"] > 0 and cpu["api"] > 0 and cpu["encoder"] > 0, cpu
+    assert cpu["client"] > 0 and cpu["api"] > 0, cpu
     assert summary["zero_shot"]["errors"] == 0
     assert "CPU ms / request" in (tmp_path / "service_vs_raw.md").read_text()

@@ -93,7 +93,7 @@ def test_service_startup_refuses_tampered_artifact(killed_then_rerun, tmp_path, 
     damage(copy)
     monkeypatch.setenv("ORTHSERVE_MODEL", str(copy))
     with pytest.raises(ArtifactError, match=needle) as err:
-        ImageModel()  # what ImageEncoder.__init__ runs
+        ImageModel()  # what Classifier.__init__ runs
     assert "re-export or re-copy" in str(err.value) or "incomplete copy" in str(err.value)
     with pytest.raises(ArtifactError, match=needle):
         TextModel(open_artifact())  # what Classifier.__init__ runs

@@ -340,32 +340,53 @@ def test_extreme_aspect_ratio_is_refused_before_resizing(client):
     assert time.monotonic() - start < 10
 
 
-def test_encoder_call_is_retried_only_on_a_dropped_connection():
-    """The 500 the 60 s load test found: aiohttp's RuntimeError("Connection closed.") from the encoder hop."""
-    import types
+def test_batcher_merges_waiting_requests_in_order():
+    """Requests that arrive while a batch runs go together next; each gets its own rows back, in order."""
+    from service.batching import Batcher
 
-    import aiohttp
+    calls: list[int] = []
 
-    from service.api import call_encoder
+    def encode(batch: np.ndarray) -> np.ndarray:
+        calls.append(len(batch))
+        time.sleep(0.05)
+        return batch * 2
 
-    def encoder_failing_with(*errors):
-        calls = []
+    async def main():
+        batcher = Batcher(encode, max_batch=8)
+        inputs = [np.full((n, 3), i, np.float32) for i, n in enumerate([1, 1, 2, 1, 3, 1, 9])]
+        outputs = await asyncio.gather(*(batcher(x) for x in inputs))
+        for x, y in zip(inputs, outputs):
+            assert y.shape == x.shape and (y == 2 * x).all()
+        return await batcher(np.ones((1, 3), np.float32))  # alone later: runs at once, batch of 1
 
-        async def encode(pixels):
-            calls.append(1)
-            if len(calls) <= len(errors):
-                raise errors[len(calls) - 1]
-            return pixels * 2
+    assert (asyncio.run(main()) == 2).all()
+    # all seven are queued before the model starts: the first five fill 8 rows, then 1, then the 9-row one alone
+    assert calls == [8, 1, 9, 1]
 
-        return types.SimpleNamespace(to_async=types.SimpleNamespace(encode=encode)), calls
 
-    pixels = np.ones((1, 3), dtype=np.float32)
-    encoder, calls = encoder_failing_with(RuntimeError("Connection closed."), aiohttp.ServerDisconnectedError())
-    assert (asyncio.run(call_encoder(encoder, pixels)) == 2).all() and len(calls) == 3
-    encoder, calls = encoder_failing_with(*[RuntimeError("Connection closed.")] * 3)
-    with pytest.raises(RuntimeError, match="Connection closed"):
-        asyncio.run(call_encoder(encoder, pixels))
-    encoder, calls = encoder_failing_with(ValueError("a real bug"))
-    with pytest.raises(ValueError):
-        asyncio.run(call_encoder(encoder, pixels))
-    assert len(calls) == 1  # other errors are not retried
+def test_batcher_errors_reach_every_request_of_the_batch_and_cancelled_ones_are_skipped():
+    from service.batching import Batcher
+
+    seen: list[int] = []
+
+    def encode(batch: np.ndarray) -> np.ndarray:
+        seen.append(len(batch))
+        time.sleep(0.02)
+        if (batch < 0).any():
+            raise ValueError("bad rows")
+        return batch
+
+    async def main():
+        batcher = Batcher(encode, max_batch=32)
+        first = asyncio.ensure_future(batcher(np.zeros((1, 2), np.float32)))
+        await asyncio.sleep(0)  # first is running now
+        doomed = asyncio.ensure_future(batcher(np.zeros((5, 2), np.float32)))
+        good, bad = batcher(np.zeros((1, 2), np.float32)), batcher(-np.ones((1, 2), np.float32))
+        await asyncio.sleep(0)
+        doomed.cancel()  # e.g. the client went away while waiting
+        results = await asyncio.gather(first, good, bad, return_exceptions=True)
+        assert isinstance(results[2], ValueError) and isinstance(results[1], ValueError)  # same batch, same error
+        assert (await batcher(np.ones((1, 2), np.float32)) == 1).all()  # and the batcher still works after
+
+    asyncio.run(main())
+    assert seen == [1, 2, 1]  # the cancelled 5 rows never reached the model

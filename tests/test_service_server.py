@@ -142,14 +142,14 @@ def test_batch_and_embeddings_equal_direct(server, direct):
 def encode_batch_stats(server) -> tuple[float, float]:
     """(calls, images) of the batched image encoder so far, from the Prometheus metrics."""
     metrics = server.get("/metrics").text
-    count = sum(float(v) for v in re.findall(r'adaptive_batch_size_count\{[^}]*method_name="encode"[^}]*\} (\S+)', metrics))
-    total = sum(float(v) for v in re.findall(r'adaptive_batch_size_sum\{[^}]*method_name="encode"[^}]*\} (\S+)', metrics))
+    count = sum(float(v) for v in re.findall(r'^orthserve_image_batch_size_count(?:\{[^}]*\})? (\S+)', metrics, re.M))
+    total = sum(float(v) for v in re.findall(r'^orthserve_image_batch_size_sum(?:\{[^}]*\})? (\S+)', metrics, re.M))
     return count, total
 
 
 def test_concurrent_requests_share_batches(server, direct):
     """Bursts of 48 requests from 16 threads: every answer right, and the encoder sees batches > 1.
-    BentoML's dispatcher learns the encoder's latency first and may send a fast model's first burst
+    Requests only share a batch when they wait while another runs; with a fast tiny model one burst may go
     one by one, so up to three bursts are sent; batching must show in at least one of them."""
     art, embed_images, _, _, probs = direct
     datas = [p.read_bytes() for p in photos(8)]
