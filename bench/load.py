@@ -11,7 +11,8 @@ the image encoder (from the server's /metrics, before/after difference) in bench
 --serve ART_DIR   start `bentoml serve` on a free loopback port itself (stopped afterwards), instead of --url.
 --compare-raw     per concurrency c, also the raw onnxruntime session in this process on the same artifact
                   (needs --serve or --artifact): batches of c photos, decode + orthserve.preprocess + session.run,
-                  sequentially, same intra-op threads as the service's encoder; ratio service / raw.
+                  sequentially, on all the CPUs; --rounds (3) alternating raw and service rounds share --seconds;
+                  ratio service / raw = the median of the per-round ratios.
                   Target: >= 0.85x at concurrency >= 8.
 --zero-shot-check /classify with one repeated label set (cached after the first request) against /embed_image
                   alone, same concurrency, alternating rounds. Target: at most 5% slower.
@@ -111,7 +112,9 @@ def load_photos(n_images: int) -> list[bytes]:
 
 
 async def run(url: str, concurrency: int, seconds: float, n_images: int, labels: str | None,
-              endpoint: str = "/classify", server_pid: int | None = None) -> dict:
+              endpoint: str = "/classify", server_pid: int | None = None, keep_latencies: bool = False) -> dict:
+    """``concurrency`` clients posting photos for ``seconds``; ``keep_latencies``: every latency under
+    ``_latencies_ms`` too (for merge_runs)."""
     bodies = [multipart(data, labels) for data in load_photos(n_images)]
     connector = aiohttp.TCPConnector(limit=concurrency + 2)
     async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as client:
@@ -132,19 +135,41 @@ async def run(url: str, concurrency: int, seconds: float, n_images: int, labels:
         sum1, count1 = await batch_counters(client)
     lat_ms = np.asarray(latencies) * 1000 if latencies else np.asarray([np.nan])
     batches = count1 - count0
-    return {
+    result = {
         "url": url, "endpoint": endpoint, "labels": labels, "concurrency": concurrency, "seconds": round(elapsed, 2),
         "requests_ok": len(latencies), "errors": len(errors), "error_samples": sorted(set(errors))[:5],
         "throughput_rps": round(len(latencies) / elapsed, 2),
         "latency_ms": {"p50": round(float(np.percentile(lat_ms, 50)), 2), "p99": round(float(np.percentile(lat_ms, 99)), 2),
                        "mean": round(float(lat_ms.mean()), 2), "max": round(float(lat_ms.max()), 2)},
-        "encoder_batches": int(batches), "mean_batch_size": round((sum1 - sum0) / batches, 3) if batches else None,
+        "encoder_batches": int(batches), "batched_images": int(sum1 - sum0),
+        "mean_batch_size": round((sum1 - sum0) / batches, 3) if batches else None,
         # where the machine's time went: CPU ms per successful request, per process (load client included)
         "cpu_ms_per_request": {k: round(1000 * (cpu1[k] - cpu0.get(k, 0.0)) / max(len(latencies), 1), 2) for k in cpu1},
         "model": model.get("model"), "method": model.get("method"), "image_size": model.get("preprocess", {}).get("image_size"),
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    if keep_latencies:
+        result["_latencies_ms"] = lat_ms[np.isfinite(lat_ms)].tolist()
+    return result
+
+
+def merge_runs(runs: list[dict]) -> dict:
+    """Several rounds of ``run`` at one concurrency -> one result: totals, percentiles over every request."""
+    ok, seconds = sum(r["requests_ok"] for r in runs), sum(r["seconds"] for r in runs)
+    lat = np.asarray([x for r in runs for x in r["_latencies_ms"]] or [np.nan])
+    batches, images = sum(r["encoder_batches"] for r in runs), sum(r["batched_images"] for r in runs)
+    cpu = {k: round(sum(r["cpu_ms_per_request"].get(k, 0.0) * r["requests_ok"] for r in runs) / max(ok, 1), 2)
+           for k in runs[0]["cpu_ms_per_request"]}
+    return {**{k: v for k, v in runs[0].items() if k != "_latencies_ms"},
+            "seconds": round(seconds, 2), "rounds": len(runs), "requests_ok": ok,
+            "errors": sum(r["errors"] for r in runs),
+            "error_samples": sorted({e for r in runs for e in r["error_samples"]})[:5],
+            "throughput_rps": round(ok / seconds, 2),
+            "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 2), "p99": round(float(np.percentile(lat, 99)), 2),
+                           "mean": round(float(lat.mean()), 2), "max": round(float(lat.max()), 2)},
+            "encoder_batches": batches, "batched_images": images,
+            "mean_batch_size": round(images / batches, 3) if batches else None, "cpu_ms_per_request": cpu}
 
 
 def raw_session(artifact_dir: Path, variant: str, concurrency: int, seconds: float, n_images: int) -> dict:
@@ -212,7 +237,7 @@ def write_summary(summary: dict, out_dir: Path) -> Path:
                   f"`{summary['full_command']}`.", ""]
     if summary["rows"]:
         lines += ["| concurrency | service req/s | p50 ms | p99 ms | mean batch | errors | raw session img/s | "
-                  "service / raw | target | verdict | CPU ms / request: client, service worker |",
+                  "service / raw (per round) | target | verdict | CPU ms / request: client, service worker |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in summary["rows"]:
             s, raw = row["service"], row.get("raw")
@@ -221,7 +246,8 @@ def write_summary(summary: dict, out_dir: Path) -> Path:
             cpu = s.get("cpu_ms_per_request", {})
             lines.append(f"| {row['concurrency']} | {s['throughput_rps']} | {s['latency_ms']['p50']} | "
                          f"{s['latency_ms']['p99']} | {s['mean_batch_size']} | {s['errors']} | "
-                         f"{raw['throughput_ips'] if raw else '-'} | {ratio if ratio is not None else '-'} | {target} | "
+                         f"{raw['throughput_ips'] if raw else '-'} | {ratio if ratio is not None else '-'}"
+                         f"{' (' + ', '.join(map(str, row['ratio_per_round'])) + ')' if row.get('ratio_per_round') else ''} | {target} | "
                          f"{row.get('verdict', '-')} | "
                          + ", ".join(str(cpu.get(k, "-")) for k in ("client", "api")) + " |")
         lines += ["", "CPU ms / request: CPU time (user + system) of the load client and of the service worker (HTTP, "
@@ -237,9 +263,10 @@ def write_summary(summary: dict, out_dir: Path) -> Path:
                   "(/classify req/s) / (/embed_image req/s).", ""]
     lines += [f"Model {summary['model']}, image variant {summary['variant']}, {summary['machine']}; {summary['created']}.",
               "Raw session: in this process, batches of `concurrency` photos decoded and preprocessed one after another "
-              "(orthserve.preprocess), then one `session.run` (orthserve.artifact.ort_session, same intra-op threads as "
-              "the service). Service: POST /classify over loopback HTTP (multipart upload, validation, adaptive "
-              "batching, ranking). The raw session and the service alternate per concurrency on the same machine."]
+              "(orthserve.preprocess), then one `session.run` (orthserve.artifact.ort_session, intra-op threads on all the "
+              "CPUs). Service: POST /classify over loopback HTTP (multipart upload, validation, adaptive batching, "
+              "ranking) to its default workers. Per concurrency the raw session and the service alternate in "
+              f"{summary.get('rounds', 1)} rounds on the same machine; service / raw is the median of the per-round ratios."]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -281,6 +308,7 @@ def main() -> None:
     parser.add_argument("--variant", default="fp32", choices=["fp32", "int8"],
                         help="image variant (with --serve it is passed to the server as ORTHSERVE_VARIANT)")
     parser.add_argument("--compare-raw", action="store_true", help="also the raw onnxruntime session, in process")
+    parser.add_argument("--rounds", type=int, default=3, help="with --compare-raw: alternating raw/service rounds")
     parser.add_argument("--zero-shot-check", action="store_true", help="/classify + repeated labels vs /embed_image")
     parser.add_argument("--zero-shot-labels", default=DEFAULT_LABELS)
     parser.add_argument("--smoke", action="store_true", help="short run, results labelled smoke-scale")
@@ -300,18 +328,28 @@ def main() -> None:
     with context as server:
         for c in args.concurrency:
             row: dict = {"concurrency": c}
-            if args.compare_raw:
-                row["raw"] = raw_session(artifact, args.variant, c, seconds, args.images)
-                print(json.dumps({"raw": row["raw"]}))
-            result = asyncio.run(run(server.url, c, seconds, args.images, args.labels, args.endpoint, server.pid))
+            services, raws = [], []
+            rounds = args.rounds if args.compare_raw else 1
+            for _ in range(rounds):  # alternate, so the machine's drift hits both alike
+                if args.compare_raw:
+                    raws.append(raw_session(artifact, args.variant, c, seconds / rounds, args.images))
+                services.append(asyncio.run(run(server.url, c, seconds / rounds, args.images, args.labels,
+                                                args.endpoint, server.pid, keep_latencies=True)))
+            result = merge_runs(services)
             result["scale"] = scale
             stem = write(result, args.out)
             print(json.dumps({k: result[k] for k in ("concurrency", "requests_ok", "errors", "throughput_rps",
                                                      "latency_ms", "mean_batch_size")}))
             print(f"wrote {stem}.json and .md")
             row["service"] = result
-            if "raw" in row:
-                row["ratio"] = round(result["throughput_rps"] / row["raw"]["throughput_ips"], 3)
+            if raws:
+                images, secs = sum(r["images"] for r in raws), sum(r["seconds"] for r in raws)
+                row["raw"] = {**raws[0], "images": images, "seconds": round(secs, 2),
+                              "throughput_ips": round(images / secs, 2), "rounds": raws}
+                print(json.dumps({"raw": {k: v for k, v in row["raw"].items() if k != "rounds"}}))
+                # paired: the median of per-round ratios resists this machine's drift better than the totals
+                per_round = [s["throughput_rps"] / r["throughput_ips"] for s, r in zip(services, raws)]
+                row["ratio"], row["ratio_per_round"] = round(float(np.median(per_round)), 3), [round(x, 3) for x in per_round]
                 if c >= 8:
                     row["verdict"] = verdict(row["ratio"] >= TARGET_SERVICE_RATIO and result["errors"] == 0)
             rows.append(row)
@@ -338,6 +376,7 @@ def main() -> None:
     if args.compare_raw or args.zero_shot_check:
         model = rows[0]["service"]["model"] if rows else (zero_shot or {}).get("runs", {}).get("embed_image", [{}])[0].get("model")
         summary = {"scale": scale, "model": model, "variant": args.variant, "seconds_per_measurement": seconds,
+                   "rounds": args.rounds if args.compare_raw else 1,
                    "rows": rows, "zero_shot": zero_shot,
                    "targets": {"service_over_raw_at_c>=8": TARGET_SERVICE_RATIO,
                                "zero_shot_max_slowdown": TARGET_ZERO_SHOT_SLOWDOWN},
