@@ -294,6 +294,36 @@ def write_summary(summary: dict, out_dir: Path) -> Path:
     return stem
 
 
+def measure(server, artifact: Path | None, c: int, seconds: float, scale: str, args) -> dict:
+    """One concurrency: the service (and with --compare-raw the raw session, alternating in --rounds rounds)."""
+    row: dict = {"concurrency": c}
+    services, raws = [], []
+    rounds = args.rounds if args.compare_raw else 1
+    for _ in range(rounds):  # alternate, so the machine's drift hits both alike
+        if args.compare_raw:
+            raws.append(raw_session(artifact, args.variant, c, seconds / rounds, args.images))
+        services.append(asyncio.run(run(server.url, c, seconds / rounds, args.images, args.labels,
+                                        args.endpoint, server.pid, keep_latencies=True)))
+    result = merge_runs(services)
+    result["scale"] = scale
+    stem = write(result, args.out)
+    print(json.dumps({k: result[k] for k in ("concurrency", "requests_ok", "errors", "throughput_rps",
+                                             "latency_ms", "mean_batch_size")}))
+    print(f"wrote {stem}.json and .md")
+    row["service"] = result
+    if raws:
+        images, secs = sum(r["images"] for r in raws), sum(r["seconds"] for r in raws)
+        row["raw"] = {**raws[0], "images": images, "seconds": round(secs, 2),
+                      "throughput_ips": round(images / secs, 2), "rounds": raws}
+        print(json.dumps({"raw": {k: v for k, v in row["raw"].items() if k != "rounds"}}))
+        # paired: the median of per-round ratios resists this machine's drift better than the totals
+        per_round = [s["throughput_rps"] / r["throughput_ips"] for s, r in zip(services, raws)]
+        row["ratio"], row["ratio_per_round"] = round(float(np.median(per_round)), 3), [round(x, 3) for x in per_round]
+        if c >= 8:
+            row["verdict"] = verdict(row["ratio"] >= TARGET_SERVICE_RATIO and result["errors"] == 0)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = parser.add_mutually_exclusive_group()
@@ -324,35 +354,9 @@ def main() -> None:
     log = Path(tempfile.mkdtemp(prefix="orthserve-load-")) / "serve.log"  # and a private BENTOML_HOME beside it
     context = (serve(args.serve, log, {"ORTHSERVE_VARIANT": args.variant}) if args.serve
                else external(require_loopback(args.url or "http://127.0.0.1:3000")))
-    rows, zero_shot = [], None
+    zero_shot = None
     with context as server:
-        for c in args.concurrency:
-            row: dict = {"concurrency": c}
-            services, raws = [], []
-            rounds = args.rounds if args.compare_raw else 1
-            for _ in range(rounds):  # alternate, so the machine's drift hits both alike
-                if args.compare_raw:
-                    raws.append(raw_session(artifact, args.variant, c, seconds / rounds, args.images))
-                services.append(asyncio.run(run(server.url, c, seconds / rounds, args.images, args.labels,
-                                                args.endpoint, server.pid, keep_latencies=True)))
-            result = merge_runs(services)
-            result["scale"] = scale
-            stem = write(result, args.out)
-            print(json.dumps({k: result[k] for k in ("concurrency", "requests_ok", "errors", "throughput_rps",
-                                                     "latency_ms", "mean_batch_size")}))
-            print(f"wrote {stem}.json and .md")
-            row["service"] = result
-            if raws:
-                images, secs = sum(r["images"] for r in raws), sum(r["seconds"] for r in raws)
-                row["raw"] = {**raws[0], "images": images, "seconds": round(secs, 2),
-                              "throughput_ips": round(images / secs, 2), "rounds": raws}
-                print(json.dumps({"raw": {k: v for k, v in row["raw"].items() if k != "rounds"}}))
-                # paired: the median of per-round ratios resists this machine's drift better than the totals
-                per_round = [s["throughput_rps"] / r["throughput_ips"] for s, r in zip(services, raws)]
-                row["ratio"], row["ratio_per_round"] = round(float(np.median(per_round)), 3), [round(x, 3) for x in per_round]
-                if c >= 8:
-                    row["verdict"] = verdict(row["ratio"] >= TARGET_SERVICE_RATIO and result["errors"] == 0)
-            rows.append(row)
+        rows = [measure(server, artifact, c, seconds, scale, args) for c in args.concurrency]
         if args.zero_shot_check:
             c = max(args.concurrency)
             embed, zs = [], []
