@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -104,8 +105,10 @@ def cpu_seconds(server_pid: int | None) -> dict[str, float]:
     return out
 
 
-def load_photos(n_images: int) -> list[bytes]:
-    images = [p.read_bytes() for p in photo_paths(n_images)]
+@functools.cache
+def load_photos(n_images: int) -> tuple[bytes, ...]:
+    """The photos' bytes, read once per run of this script (every round and concurrency reuses them)."""
+    images = tuple(p.read_bytes() for p in photo_paths(n_images))
     if not images:
         raise SystemExit(f"no photos under {PHOTOS}")
     return images
@@ -172,16 +175,23 @@ def merge_runs(runs: list[dict]) -> dict:
             "mean_batch_size": round(images / batches, 3) if batches else None, "cpu_ms_per_request": cpu}
 
 
-def raw_session(artifact_dir: Path, variant: str, concurrency: int, seconds: float, n_images: int) -> dict:
-    """In-process baseline: batches of ``concurrency`` photos, decode + preprocess + onnxruntime run."""
+@functools.cache
+def raw_setup(artifact_dir: Path, variant: str):
+    """(artifact, onnxruntime session, threads), opened once: every round of the raw baseline reuses them."""
     from orthserve.artifact import load_artifact, ort_session
-    from orthserve.preprocess import decode_image, preprocess
 
     art = load_artifact(artifact_dir)
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if os.environ.get("ORTHSERVE_THREADS", "").strip():
         threads = int(os.environ["ORTHSERVE_THREADS"])
-    session = ort_session(art.onnx_path("image", variant), variant, ["CPUExecutionProvider"], threads)
+    return art, ort_session(art.onnx_path("image", variant), variant, ["CPUExecutionProvider"], threads), threads
+
+
+def raw_session(artifact_dir: Path, variant: str, concurrency: int, seconds: float, n_images: int) -> dict:
+    """In-process baseline: batches of ``concurrency`` photos, decode + preprocess + onnxruntime run."""
+    from orthserve.preprocess import decode_image, preprocess
+
+    art, session, threads = raw_setup(artifact_dir, variant)
     name = session.get_inputs()[0].name
     images = load_photos(n_images)
 

@@ -160,9 +160,7 @@ class ImageModel:
         self.artifact = artifact or open_artifact()
         self.spec: PreprocessSpec = self.artifact.preprocess
         self.encoder = OnnxEncoder(self.artifact, "image")
-        self.ready = False
         self.encode(np.zeros((2, 3, self.spec.image_size, self.spec.image_size), np.float32))  # warm-up
-        self.ready = True
         log.info("image encoder %s (%s) on %s", self.encoder.path.name, self.encoder.variant, self.encoder.providers)
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
