@@ -170,7 +170,12 @@ def test_inference_benchmark_smoke(tmp_path):
     (result,) = report["results"]
     assert set(result["ratios"]) == {"folded_over_base", "unfolded_over_base", "ort_fp32_over_folded", "int8_over_fp32"}
     assert all(value > 0 for row in result["ratios"].values() for value in row.values())
-    assert "Ratios" in (tmp_path / "inference.md").read_text() and (tmp_path / "inference.png").stat().st_size > 0
+    layout = result["service_layout"]  # fp32 and int8 in worker processes, as the service runs them
+    assert layout["workers"] >= 1 and set(layout["int8_over_fp32"]) == {"1", "2"}
+    assert all(rate > 0 for v in ("fp32", "int8") for rates in layout["images_per_s_all_rounds"][v].values() for rate in rates)
+    assert sum("service layout" in v["target"] for v in report["verdicts"]) == 2
+    markdown = (tmp_path / "inference.md").read_text()
+    assert "Ratios" in markdown and "service's layout" in markdown and (tmp_path / "inference.png").stat().st_size > 0
 
 
 @requires_data

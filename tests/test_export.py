@@ -106,16 +106,25 @@ def test_folded_graph_has_no_adapter_nodes(all_artifact, method_artifacts):
 
 def test_graphs_are_fused_for_onnxruntime(all_artifact):
     """Attention is one MultiHeadAttention node per layer, GELU one BiasGelu; int8 quantizes every
-    weight matrix multiply, keeps the patch convolution in fp32 and computes GELU in its tanh form."""
+    weight matrix multiply except the first attention's four projections and the final projection,
+    keeps the patch convolution in fp32 and computes GELU in its tanh form."""
+    from export.towers import int8_sensitive_matmuls
+
     layers = {"image": 2, "text": 2}  # orthserve-tiny
     for component, count in layers.items():
         ops = collections.Counter(n.op_type for n in onnx.load(str(all_artifact.onnx_path(component))).graph.node)
         assert ops["MultiHeadAttention"] == ops["BiasGelu"] == count, (component, ops)
         assert not {"Softmax", "Erf"} & set(ops), (component, ops)
         assert all_artifact.manifest["graph_fusions"][component]["multi_head_attention"] == count
+    fp32 = onnx.load(str(all_artifact.onnx_path("image"))).graph
+    kept = int8_sensitive_matmuls(fp32)
+    first_attention = next(n for n in fp32.node if n.op_type == "MultiHeadAttention")
+    producers = {out: n.name for n in fp32.node for out in n.output}
+    assert kept[:3] == [producers[i] for i in first_attention.input[:3]]  # query, key, value
+    assert kept[4] == [n.name for n in fp32.node if n.op_type == "MatMul"][-1] and len(kept) == 5
     int8 = onnx.load(str(all_artifact.onnx_path("image", "int8"))).graph
     weights = {init.name for init in int8.initializer}
-    assert not [n.name for n in int8.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
+    assert sorted(n.name for n in int8.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights) == sorted(kept)
     ops = collections.Counter(n.op_type for n in int8.node)
     assert ops["Conv"] == 1 and "ConvInteger" not in ops and ops["MatMulInteger"] > 0
     assert ops["FastGelu"] == layers["image"] and "BiasGelu" not in ops, ops
@@ -234,3 +243,24 @@ def test_orthserve_mini_exports(tmp_path):
     parity = json.loads((artifact.root / "parity.json").read_text())
     assert parity["image"]["max_abs_diff"] <= TOLERANCE and parity["text"]["max_abs_diff"] <= TOLERANCE
     assert artifact.manifest["embed_dim"] == 384 and artifact.tokenize(["a bee"]).shape == (1, 32)
+
+
+@requires_data
+def test_int8_sensitivity_benchmark_on_an_artifact(all_artifact, tmp_path):
+    """bench/int8_sensitivity.py: every matrix multiply of the image tower named by its role and scored alone in
+    fp32, and the export's choice scored on two photo sets at three batch sizes."""
+    out = tmp_path / "results"
+    done = subprocess.run([sys.executable, "bench/int8_sensitivity.py", str(all_artifact.root), "--val-per-class", "1",
+                           "--heldout-per-class", "1", "--threads", "1", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "int8_sensitivity.json").read_text())
+    single = report["single_layer_fp32_batch32_val"]
+    layers = 2  # orthserve-tiny
+    roles = [f"block {i} {r}" for i in range(layers) for r in ("query", "key", "value", "attention out", "MLP in", "MLP out")]
+    assert sorted(single) == sorted(["none", *roles, "projection"]) and all(0 <= v <= 1 for v in single.values())
+    assert report["export_choice"] == ["block 0 query", "block 0 key", "block 0 value", "block 0 attention out", "projection"]
+    assert report["photos"] == {"tiny-imagenet val": 200, "tiny-imagenet train, held out": 202}
+    for rows in report["groups"].values():
+        assert set(rows) == set(report["photos"]) and all(set(row) == {"1", "8", "32"} for row in rows.values())
+    assert "Groups kept in fp32" in (out / "int8_sensitivity.md").read_text() and (out / "int8_sensitivity.png").stat().st_size > 0
