@@ -513,13 +513,12 @@ def fidelity_only(artifact: Path, threads: int, photos: list[Path], args) -> Non
     result = {"model": model, "pretrained": art.manifest.get("pretrained"), "artifact": str(artifact),
               "int8_fidelity": fidelity}
     verdicts = fidelity_verdicts(model, fidelity)
-    report = {"results": [result], "verdicts": verdicts, "targets": TARGETS, "command": " ".join(sys.argv),
-              "seconds": round(time.perf_counter() - started, 1), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "machine": f"{platform.platform()}, python {platform.python_version()}, torch {torch.__version__}"}
+    report = {"results": [result], "verdicts": verdicts, "targets": TARGETS,
+              "seconds": round(time.perf_counter() - started, 1), **run_record()}
     lines = [f"# int8 fidelity of `{artifact}` ({model}) on real photos", "",
              f"Reproduce: `{FULL_COMMAND} --fidelity-only {artifact}`", "",
              "int8 = the artifact's dynamically quantized towers (onnxruntime `quantize_dynamic`, per-channel int8 "
-             "weights); reference = its fp32 towers. Agreement = same top-1 class as fp32 with the same label set; "
+             "weights; the first attention's projections and the final projection stay fp32); reference = its fp32 towers. Agreement = same top-1 class as fp32 with the same label set; "
              "`ORTHSERVE_INT8=1` serves the int8 image tower with the fp32 text tower.", "",
              *fidelity_table([result]), "", "| target | value | verdict |", "|---|---|---|"]
     lines += [f"| {v['target']} | {v['value']} | {'PASS' if v['pass'] else 'FAIL'} ({v['note']}) |" for v in verdicts]
@@ -528,6 +527,21 @@ def fidelity_only(artifact: Path, threads: int, photos: list[Path], args) -> Non
     (args.out / "int8_fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "int8_fidelity.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def run_record() -> dict:
+    """What every result file records about its run: machine, command line, time."""
+    return {"machine": f"{platform.platform()}, python {platform.python_version()}, torch {torch.__version__}",
+            "command": " ".join(sys.argv), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def save_results(out: Path, stem: str, report: dict, markdown, chart) -> None:
+    """``stem``.json, .md (``markdown(report, path)``) and .png (``chart(report, path)``) in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    markdown(report, out / f"{stem}.md")
+    chart(report, out / f"{stem}.png")
+    print(f"wrote {out / stem}.json, .md, .png")
 
 
 def main() -> None:
@@ -588,13 +602,8 @@ def main() -> None:
     report = {"scale": "smoke" if args.smoke else "full", "models": args.models, "batches": args.batches,
               "seconds_per_measurement": args.seconds, "rounds": args.rounds, "threads": threads,
               "hardware": hardware, "results": results, "verdicts": verdicts, "targets": TARGETS,
-              "load_average": load0, "load_average_end": os.getloadavg(),
-              "machine": f"{platform.platform()}, python {platform.python_version()}, torch {torch.__version__}",
-              "command": " ".join(sys.argv), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "inference.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_markdown(report, args.out / "inference.md")
-    write_chart(report, args.out / "inference.png")
+              "load_average": load0, "load_average_end": os.getloadavg(), **run_record()}
+    save_results(args.out, "inference", report, write_markdown, write_chart)
     print(f"\nimages/s (median of {args.rounds} rounds){' [SMOKE SCALE]' if args.smoke else ''}:")
     for res in results:
         for p in PATHS:
@@ -604,7 +613,6 @@ def main() -> None:
     for v in verdicts:
         print(f"{'PASS' if v['pass'] else 'FAIL'}: {v['model']} {v['target']}"
               + (f" at batch {v['batch']}" if "batch" in v else "") + f": {v['value']}")
-    print(f"wrote {args.out / 'inference.json'}, .md, .png")
 
 
 if __name__ == "__main__":

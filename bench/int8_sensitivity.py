@@ -14,8 +14,6 @@ is worth its fp32 cost.  Results: bench/results/int8_sensitivity.json, .md and .
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import tempfile
 import time
@@ -26,7 +24,8 @@ import onnx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from inference import DATA, class_embeddings, ort_runner, tiny_imagenet_names, tiny_imagenet_val  # noqa: E402
+from inference import (DATA, class_embeddings, ort_runner, run_record, save_results,  # noqa: E402
+                       tiny_imagenet_names, tiny_imagenet_val)
 
 from export.towers import int8_sensitive_matmuls, to_int8  # noqa: E402
 from orthserve.artifact import load_artifact  # noqa: E402
@@ -126,13 +125,8 @@ def main() -> None:
     report = {"artifact": str(args.artifact), "model": art.manifest.get("model"), "classes": len(names),
               "photos": {name: len(paths) for name, paths in photo_sets.items()}, "target": TARGET,
               "single_layer_fp32_batch32_val": single, "groups": group_rows, "export_choice": [roles[n] for n in chosen],
-              "machine": f"{platform.platform()}, python {platform.python_version()}", "seconds": round(time.perf_counter() - start, 1),
-              "command": " ".join(sys.argv), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "int8_sensitivity.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_markdown(report, args.out / "int8_sensitivity.md")
-    write_chart(report, args.out / "int8_sensitivity.png")
-    print(f"wrote {args.out / 'int8_sensitivity.json'}, .md, .png")
+              "seconds": round(time.perf_counter() - start, 1), **run_record()}
+    save_results(args.out, "int8_sensitivity", report, write_markdown, write_chart)
 
 
 def write_markdown(report: dict, path: Path) -> None:
