@@ -80,7 +80,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, image_size: 
         raise
     except Image.DecompressionBombError as err:
         raise ImageDecodeError(f"image too large (decompression bomb guard): {err}") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except UnidentifiedImageError as err:  # its message names a Python object, not the problem
+        raise ImageDecodeError("not a readable image: not a format Pillow can decode (JPEG, PNG, WebP, ...)") from err
+    except (OSError, SyntaxError, ValueError) as err:
         raise ImageDecodeError(f"not a readable image: {err}") from err
 
 
