@@ -214,20 +214,22 @@ def tiny_imagenet_names() -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def tiny_imagenet_val(per_class: int | None = None) -> list[Path]:
-    """Tiny-ImageNet's real val photos (64 px, 25 per class here), ``per_class`` of each class in sorted order."""
-    root = DATA / "tiny-imagenet" / "val"
+def tiny_imagenet_photos(split: str = "val", per_class: int | None = None, last: bool = False) -> list[Path]:
+    """Tiny-ImageNet's real photos of ``split`` (64 px; val has 25 per class here): ``per_class`` of each class in
+    sorted order, the first ones or with ``last`` the last ones."""
+    root = DATA / "tiny-imagenet" / split
     if not root.is_dir():
         return []
-    return [p for c in sorted(d for d in root.iterdir() if d.is_dir())
-            for p in sorted(f for f in c.iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png"))[:per_class]]
+    photos = [sorted(f for f in c.iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png"))
+              for c in sorted(d for d in root.iterdir() if d.is_dir())]
+    return [p for ps in photos for p in (ps[-per_class:] if last and per_class else ps[:per_class])]
 
 
 def fidelity_image_sets(photos: list[Path], tiny_per_class: int | None) -> dict[str, tuple[list[Path], list[str]]]:
     """Image set -> (real photos, label sets to score them with).  The 153 hymenoptera photos are few
     (one flip = 0.65 points of agreement), so Tiny-ImageNet's val photos are scored as well."""
     sets = {"hymenoptera-val": (photos, ["ants/bees", "tiny-imagenet 202 names"])}
-    tiny = tiny_imagenet_val(tiny_per_class) if tiny_per_class != 0 else []
+    tiny = tiny_imagenet_photos("val", tiny_per_class) if tiny_per_class != 0 else []
     if tiny:
         sets["tiny-imagenet val"] = (tiny, ["tiny-imagenet 202 names"])
     return sets

@@ -25,7 +25,7 @@ import onnx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from inference import (DATA, class_embeddings, ort_runner, run_record, save_results,  # noqa: E402
-                       tiny_imagenet_names, tiny_imagenet_val)
+                       tiny_imagenet_names, tiny_imagenet_photos)
 
 from export.towers import int8_sensitive_matmuls, to_int8  # noqa: E402
 from orthserve.artifact import load_artifact  # noqa: E402
@@ -59,19 +59,12 @@ def matmul_roles(graph: onnx.GraphProto) -> dict[str, str]:
     return {n.name: roles[n.name] for n in matmuls}
 
 
-def heldout_train(per_class: int) -> list[Path]:
-    """The last ``per_class`` train photos of each Tiny-ImageNet class (never used to choose the layers)."""
-    root = DATA / "tiny-imagenet" / "train"
-    return [p for c in sorted(d for d in root.iterdir() if d.is_dir())
-            for p in sorted(f for f in c.iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png"))[-per_class:]]
-
-
 class Agreement:
     """Top-1 agreement of an int8 image tower with the artifact's fp32 one on fixed photos and class names."""
 
     def __init__(self, art, pixels: np.ndarray, classes: np.ndarray, threads: int) -> None:
         self.pixels, self.classes, self.threads = pixels, classes, threads
-        self.reference = {b: self.top1(art.onnx_path("image", "fp32"), "fp32", b) for b in (1, 8, 32)}
+        self.reference = self.top1(art.onnx_path("image", "fp32"), "fp32", 32)  # fp32 does not depend on the batch
 
     def top1(self, path: Path, variant: str, batch: int) -> np.ndarray:
         run = ort_runner(path, variant, self.threads)
@@ -79,7 +72,7 @@ class Agreement:
         return (emb @ self.classes.T).argmax(1)
 
     def __call__(self, path: Path, batch: int) -> float:
-        return float(np.mean(self.top1(path, "int8", batch) == self.reference[batch]))
+        return float(np.mean(self.top1(path, "int8", batch) == self.reference))
 
 
 def main() -> None:
@@ -96,8 +89,9 @@ def main() -> None:
     if not names:
         sys.exit(f"error: no Tiny-ImageNet class names under {DATA / 'tiny-imagenet'}")
     classes = class_embeddings(ort_runner(art.onnx_path("text", "fp32"), "fp32", args.threads), art, names)
-    photo_sets = {"tiny-imagenet val": tiny_imagenet_val(args.val_per_class),
-                  "tiny-imagenet train, held out": heldout_train(args.heldout_per_class)}
+    photo_sets = {"tiny-imagenet val": tiny_imagenet_photos("val", args.val_per_class),
+                  # the last train photos of each class, never used to choose the layers
+                  "tiny-imagenet train, held out": tiny_imagenet_photos("train", args.heldout_per_class, last=True)}
     print("preprocessing photos ...", flush=True)
     scorers = {name: Agreement(art, load_images([str(p) for p in paths], art.preprocess), classes, args.threads)
                for name, paths in photo_sets.items()}

@@ -102,6 +102,18 @@ def sdpa_attention(model: nn.Module):
             del layer.forward  # the class's forward again
 
 
+@contextlib.contextmanager
+def _quiet_logger(name: str | None):
+    """Only errors from logger ``name`` (None: the root logger) inside the block; its level is restored after."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def fuse_for_onnxruntime(path: Path) -> dict[str, int]:
     """Rewrite the graph at ``path`` in place with onnxscript's onnxruntime fusions; returns their counts.
 
@@ -117,11 +129,8 @@ def fuse_for_onnxruntime(path: Path) -> dict[str, int]:
     from onnxscript.rewriter.ort_fusions import bias_gelu, erfgelu, mha, mha_bias, mha_scale, sdpa, shape_optimization
 
     model = ir.load(str(path))
-    # the constant folder logs a warning for each shape expression it leaves to onnxruntime: quiet it here only
-    folder_log = logging.getLogger("onnxscript.optimizer")
-    level = folder_log.level
-    folder_log.setLevel(logging.ERROR)
-    try:
+    # the constant folder logs a warning for each shape expression it leaves to onnxruntime
+    with _quiet_logger("onnxscript.optimizer"):
         ShapeInferencePass()(model)  # the shapes the attention patterns check
         optimizer.optimize(model)
         shape_optimization.rules.apply_to_model(model)
@@ -132,8 +141,6 @@ def fuse_for_onnxruntime(path: Path) -> dict[str, int]:
         mha_bias.fuse_mha_bias(model)
         counts["bias_gelu"] = bias_gelu.fuse_bias_gelu(model)
         optimizer.optimize(model, input_size_limit=1 << 40, output_size_limit=1 << 40)
-    finally:
-        folder_log.setLevel(level)
     ir.save(model, str(path))
     return counts
 
@@ -205,7 +212,8 @@ def to_int8(source: Path, target: Path, keep_fp32: Sequence[str] | None = None) 
 
     if keep_fp32 is None:
         keep_fp32 = int8_sensitive_matmuls(onnx.load(str(source)).graph)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_quantizer():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            _quiet_logger(None):  # its 'consider pre-processing' warning, on the root logger
         warnings.simplefilter("ignore")
         quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
                          op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=list(keep_fp32))
@@ -215,18 +223,6 @@ def to_int8(source: Path, target: Path, keep_fp32: Sequence[str] | None = None) 
             node.op_type = "FastGelu"  # same inputs (x and an optional bias), same output
     onnx.save(model, str(target))
     return target
-
-
-@contextlib.contextmanager
-def _quiet_quantizer():
-    """onnxruntime's quantizer logs a 'consider pre-processing' warning on the root logger for every model."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 
 VARIANT_BUILDERS = {"fp16": to_fp16, "int8": to_int8}
