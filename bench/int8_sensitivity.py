@@ -3,9 +3,10 @@
     nice -n 5 .venv/bin/python bench/int8_sensitivity.py artifacts/default     # after `make artifact`
 
 For the artifact's fp32 image tower (no timing, so a busy machine does not matter):
-  1. every MatMul quantized (export.towers.to_int8 with nothing kept in fp32), then each MatMul alone kept in
-     fp32: top-1 agreement with the fp32 tower on Tiny-ImageNet's val photos with its 202 class names, batch 32;
-  2. the export's choice (export.towers.int8_sensitive_matmuls) and a few groups, on the val photos and on
+  1. every weight matrix multiply quantized (export.towers.to_int8 with nothing kept in fp32), then each alone
+     kept in fp32 (an Attention node's packed query/key/value projection counts as one): top-1 agreement
+     with the fp32 tower on Tiny-ImageNet's val photos with its 202 class names, batch 32;
+  2. the export's choice (export.towers.int8_sensitive_nodes) and a few groups, on the val photos and on
      held-out Tiny-ImageNet train photos (the last ones of each class), at batch 1, 8 and 32: dynamic int8
      scales each batch's activations as a whole, so agreement moves with the batch.
 Why: a single flip is 0.02% of 5,000 photos, so only a layer that moves agreement well beyond a few flips
@@ -27,26 +28,30 @@ sys.path.insert(0, str(REPO))
 from inference import (DATA, class_embeddings, ort_runner, run_record, save_results,  # noqa: E402
                        tiny_imagenet_names, tiny_imagenet_photos)
 
-from export.towers import int8_sensitive_matmuls, to_int8  # noqa: E402
+from export.towers import ATTENTION_OPS, int8_sensitive_nodes, to_int8  # noqa: E402
 from orthserve.artifact import load_artifact  # noqa: E402
 from orthserve.preprocess import load_images  # noqa: E402
 
 TARGET = 0.99
 
 
-def matmul_roles(graph: onnx.GraphProto) -> dict[str, str]:
-    """MatMul node name -> its role in the transformer ("block 0 query", ..., "projection"), in graph order."""
+def weight_roles(graph: onnx.GraphProto) -> dict[str, str]:
+    """Name of each node with a weight matrix (MatMul, Gemm, Attention) -> its role in the transformer
+    ("block 0 query/key/value", "block 0 attention out", "block 0 MLP in", ..., "projection"), in graph order.
+    An ``Attention`` node holds a block's query, key and value projections as one packed matrix multiply."""
     producers = {out: node.name for node in graph.node for out in node.output}
     roles: dict[str, str] = {}
-    attentions = [n for n in graph.node if n.op_type == "MultiHeadAttention"]
+    attentions = [n for n in graph.node if n.op_type in ATTENTION_OPS]
     for i, attention in enumerate(attentions):
+        if attention.op_type == "Attention":
+            roles[attention.name] = f"block {i} query/key/value"
         for name, role in zip(attention.input[:3], ("query", "key", "value")):
-            if name in producers:
+            if attention.op_type == "MultiHeadAttention" and name in producers:
                 roles[producers[name]] = f"block {i} {role}"
     matmuls = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
     block, mlp_seen = -1, 0
     for node in graph.node:
-        if node.op_type == "MultiHeadAttention":
+        if node.op_type in ATTENTION_OPS:
             block, mlp_seen = block + 1, 0
         elif node.op_type in ("MatMul", "Gemm") and node.name not in roles:
             if attentions and block >= 0 and attentions[block].output[0] in node.input:
@@ -56,7 +61,7 @@ def matmul_roles(graph: onnx.GraphProto) -> dict[str, str]:
             else:
                 roles[node.name] = f"block {block} MLP {('in', 'out')[min(mlp_seen, 1)]}"
                 mlp_seen += 1
-    return {n.name: roles[n.name] for n in matmuls}
+    return {n.name: roles[n.name] for n in graph.node if n.name in roles}
 
 
 class Agreement:
@@ -96,16 +101,16 @@ def main() -> None:
     scorers = {name: Agreement(art, load_images([str(p) for p in paths], art.preprocess), classes, args.threads)
                for name, paths in photo_sets.items()}
     graph = onnx.load(str(art.onnx_path("image", "fp32"))).graph
-    roles = matmul_roles(graph)
-    chosen = int8_sensitive_matmuls(graph)
+    roles = weight_roles(graph)
+    chosen = int8_sensitive_nodes(graph)
     first_block = [n for n, r in roles.items() if r.startswith("block 0 ")]
-    groups = {"none (every MatMul int8)": [], "export's choice: " + ", ".join(roles[n] for n in chosen): chosen,
+    groups = {"none (every weight int8)": [], "export's choice: " + ", ".join(roles[n] for n in chosen): chosen,
               "projection only": [n for n, r in roles.items() if r == "projection"],
-              "block 0 (all six) + projection": first_block + [n for n, r in roles.items() if r == "projection"]}
+              "block 0 (every weight) + projection": first_block + [n for n, r in roles.items() if r == "projection"]}
     val = scorers["tiny-imagenet val"]
     with tempfile.TemporaryDirectory(prefix="orthserve-int8-") as tmp:
         graph_path = Path(tmp) / "image.int8.onnx"
-        print(f"one MatMul in fp32 at a time ({len(roles)}) ...", flush=True)
+        print(f"one weight matrix multiply in fp32 at a time ({len(roles)}) ...", flush=True)
         single = {"none": val(to_int8(art.onnx_path("image", "fp32"), graph_path, keep_fp32=[]), 32)}
         for node, role in roles.items():
             single[role] = val(to_int8(art.onnx_path("image", "fp32"), graph_path, keep_fp32=[node]), 32)
@@ -152,7 +157,7 @@ def write_chart(report: dict, path: Path) -> None:
     none = single.pop("none")
     fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(single)), 4))
     ax.bar(range(len(single)), [100 * v for v in single.values()], color="tab:blue")
-    ax.axhline(100 * none, color="gray", linestyle="--", label=f"every MatMul int8 ({none:.2%})")
+    ax.axhline(100 * none, color="gray", linestyle="--", label=f"every weight int8 ({none:.2%})")
     ax.axhline(100 * report["target"], color="tab:red", label=f"target {report['target']:.0%}")
     ax.set_xticks(range(len(single)), list(single), rotation=90, fontsize=7)
     low = min([none, report["target"], *single.values()])

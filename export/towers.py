@@ -7,10 +7,10 @@ it handles open_clip's ViT / ``nn.MultiheadAttention`` and the Hugging Face BERT
 tower, yields ~3x fewer nodes than the deprecated TorchScript exporter, and is
 PyTorch's supported path.
 
-The exported graphs are then fused for onnxruntime (``fuse_for_onnxruntime``): attention
-becomes one ``MultiHeadAttention`` node and erf-GELU one ``BiasGelu`` node (onnxruntime's
-contrib ops), which roughly halves the non-matmul work of a small ViT on CPU
-(bench/results/inference.md).  For the attention fusion to find its pattern, open_clip's
+The exported graphs are then fused for onnxruntime (``fuse_for_onnxruntime``): attention,
+its q/k/v projections included, becomes one ``Attention`` node and erf-GELU one ``BiasGelu``
+node (onnxruntime's contrib ops), which roughly halves the non-matmul work of a small ViT on
+CPU (bench/results/inference.md).  For the attention fusion to find its pattern, open_clip's
 ``nn.MultiheadAttention`` layers are exported through ``sdpa_attention``: the same weights
 and math written as three projections and ``F.scaled_dot_product_attention``.
 """
@@ -31,6 +31,7 @@ from torch import nn
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
+ATTENTION_OPS = ("Attention", "MultiHeadAttention")  # onnxruntime's fused attention (contrib ops)
 
 
 class ImageTower(nn.Module):
@@ -118,15 +119,18 @@ def fuse_for_onnxruntime(path: Path) -> dict[str, int]:
     """Rewrite the graph at ``path`` in place with onnxscript's onnxruntime fusions; returns their counts.
 
     Only the fusions that pay on CPU and GPU alike: attention (SDPA -> MultiHeadAttention with its
-    biases) and GELU (-> BiasGelu).  Left out: SkipLayerNormalization (onnxruntime 1.31's CPU kernel
-    is about 3x slower than Add + LayerNormalization) and packing q/k/v into one ``Attention`` node
-    (onnxruntime's dynamic quantizer skips it, keeping the projections in fp32).  Constants are
-    folded afterwards, so every projection weight is an initializer again (int8 can quantize it).
+    biases -> ``Attention``, which also holds the q/k/v projections as one packed matrix multiply) and
+    GELU (-> BiasGelu).  The packed form is 1-9% faster than MultiHeadAttention in fp32 and lets int8
+    use onnxruntime's fused ``QAttention`` (+6-16%; orthserve-mini, bench/results/inference.md).
+    Left out: SkipLayerNormalization (onnxruntime 1.31's CPU kernel is about 3x slower than
+    Add + LayerNormalization).  Constants are folded afterwards, so every projection weight is an
+    initializer again (int8 can quantize it).
     """
     import onnx_ir as ir
     from onnx_ir.passes.common import ShapeInferencePass
     from onnxscript import optimizer
-    from onnxscript.rewriter.ort_fusions import bias_gelu, erfgelu, mha, mha_bias, mha_scale, sdpa, shape_optimization
+    from onnxscript.rewriter.ort_fusions import (attention, bias_gelu, erfgelu, mha, mha_bias, mha_scale, sdpa,
+                                                 shape_optimization)
 
     model = ir.load(str(path))
     # the constant folder logs a warning for each shape expression it leaves to onnxruntime
@@ -139,8 +143,15 @@ def fuse_for_onnxruntime(path: Path) -> dict[str, int]:
         counts["multi_head_attention"] = mha.fuse_mha1(model) + mha.fuse_mha2(model)
         mha_scale.fuse_mha_scale(model)
         mha_bias.fuse_mha_bias(model)
+        counts["attention"] = attention.fuse_attention(model)
         counts["bias_gelu"] = bias_gelu.fuse_bias_gelu(model)
         optimizer.optimize(model, input_size_limit=1 << 40, output_size_limit=1 << 40)
+    for node in model.graph:
+        # onnxscript always writes the q/k/v widths; equal widths are the op's default, and onnxruntime's
+        # quantizer leaves an Attention node that carries them in fp32
+        sizes = node.attributes.get("qkv_hidden_sizes") if node.op_type == "Attention" else None
+        if sizes is not None and len(set(sizes.as_ints())) == 1:
+            del node.attributes["qkv_hidden_sizes"]
     ir.save(model, str(path))
     return counts
 
@@ -180,19 +191,24 @@ def to_fp16(source: Path, target: Path) -> Path:
     return target
 
 
-def int8_sensitive_matmuls(graph: onnx.GraphProto) -> list[str]:
-    """The matrix multiplies that stay fp32 in the int8 graph: the first attention's four projections
-    (query, key, value in, output out) and the last matrix multiply (the projection into the embedding space).
+def int8_sensitive_nodes(graph: onnx.GraphProto) -> list[str]:
+    """The nodes that stay fp32 in the int8 graph: the first attention's projections (the ``Attention`` node,
+    which holds query, key and value, or, in a graph fused only to ``MultiHeadAttention``, the three MatMuls
+    that feed it), the matrix multiply of its output projection, and the last matrix multiply (the projection
+    into the embedding space).
 
     Keeping the first and last layers in higher precision is the usual rule of post-training quantization;
-    here it is measured: on orthserve-mini these five of 37 multiplies (6% of the multiply work) raise int8's
-    top-1 agreement with fp32 on 202 names from 98.6-99.1% to 99.3-99.5% (Tiny-ImageNet val and held-out
-    train photos, batch 1 to 32) for 3-8% of int8's speed (bench/results/int8_sensitivity.md)."""
+    here it is measured (bench/results/int8_sensitivity.md): on orthserve-mini these layers (6% of the
+    multiply work) are the ones whose int8 error moves top-1 agreement with fp32 on 202 names beyond a few flips."""
     producers = {out: node for node in graph.node for out in node.output}
-    attention = next((n for n in graph.node if n.op_type == "MultiHeadAttention"), None)
+    attention = next((n for n in graph.node if n.op_type in ATTENTION_OPS), None)
     keep = []
     if attention is not None:
-        keep += [producers[i].name for i in attention.input[:3] if i in producers and producers[i].op_type == "MatMul"]
+        if attention.op_type == "Attention":
+            keep.append(attention.name)
+        else:
+            keep += [producers[i].name for i in attention.input[:3]
+                     if i in producers and producers[i].op_type == "MatMul"]
         keep += [n.name for n in graph.node if n.op_type == "MatMul" and attention.output[0] in n.input]
     matmuls = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm")]
     if matmuls and matmuls[-1] not in keep:
@@ -202,27 +218,47 @@ def int8_sensitive_matmuls(graph: onnx.GraphProto) -> list[str]:
 
 def to_int8(source: Path, target: Path, keep_fp32: Sequence[str] | None = None) -> Path:
     """Dynamic int8 quantization of the matrix multiplies (weights per channel, activations on the fly),
-    for CPUs, except the few that int8's error hurts most (``int8_sensitive_matmuls``).  The
+    for CPUs, except the few that int8's error hurts most (``int8_sensitive_nodes``).  ``Attention`` nodes
+    become onnxruntime's ``QAttention`` (int8 q/k/v projections, attention itself in fp32), except those with
+    an attention bias (a padding mask), which QAttention cannot take.  The
     patch-embedding convolution stays fp32: onnxruntime's ConvInteger took 10% of the int8 image tower's
     time for 1% of its work, and the first layer's precision carries through.  GELU becomes its tanh form
-    (``FastGelu``): the erf form took a fifth of the int8 image tower's time (orthserve-mini, batch 32;
-    the tanh form +7-14% img/s) and the graph is approximate anyway (top-1 agreement with fp32 unchanged,
+    (``FastGelu``, its bias an ``Add`` that onnxruntime folds into the int8 multiply before it): the erf form
+    took a fifth of the int8 image tower's time (orthserve-mini, batch 32; the tanh form +7-14% img/s) and the graph is approximate anyway (top-1 agreement with fp32 unchanged,
     bench/results/int8_fidelity.md).  ``keep_fp32``: the nodes to leave in fp32 instead (bench/int8_sensitivity.py tries others)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    if keep_fp32 is None:
-        keep_fp32 = int8_sensitive_matmuls(onnx.load(str(source)).graph)
+    graph = onnx.load(str(source)).graph
+    keep_fp32 = list(int8_sensitive_nodes(graph) if keep_fp32 is None else keep_fp32)
+    # QAttention has no attention-bias input (the text tower's padding mask): the quantizer would drop it
+    keep_fp32 += [n.name for n in graph.node if n.op_type == "Attention" and any(n.input[5:])]
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
             _quiet_logger(None):  # its 'consider pre-processing' warning, on the root logger
         warnings.simplefilter("ignore")
         quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=list(keep_fp32))
+                         op_types_to_quantize=["MatMul", "Gemm", "Attention"], nodes_to_exclude=list(keep_fp32))
     model = onnx.load(str(target))
+    nodes = []
     for node in model.graph.node:
         if node.domain == "com.microsoft" and node.op_type in ("BiasGelu", "Gelu"):
             node.op_type = "FastGelu"  # same inputs (x and an optional bias), same output
+            if len(node.input) > 1 and node.input[1]:
+                nodes.append(_bias_as_add(node))
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
     onnx.save(model, str(target))
     return target
+
+
+def _bias_as_add(gelu: onnx.NodeProto) -> onnx.NodeProto:
+    """Move a GELU's bias into an ``Add`` before it (rewiring ``gelu``): onnxruntime folds that Add into the
+    int8 matrix multiply that feeds it (one pass over the activations fewer; +2-5% img/s, same outputs)."""
+    biased = gelu.output[0] + "/biased"
+    add = onnx.helper.make_node("Add", [gelu.input[0], gelu.input[1]], [biased], name=gelu.name + "/bias")
+    del gelu.input[1:]
+    gelu.input[0] = biased
+    return add
 
 
 VARIANT_BUILDERS = {"fp16": to_fp16, "int8": to_int8}

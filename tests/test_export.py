@@ -105,29 +105,101 @@ def test_folded_graph_has_no_adapter_nodes(all_artifact, method_artifacts):
 
 
 def test_graphs_are_fused_for_onnxruntime(all_artifact):
-    """Attention is one MultiHeadAttention node per layer, GELU one BiasGelu; int8 quantizes every
-    weight matrix multiply except the first attention's four projections and the final projection,
-    keeps the patch convolution in fp32 and computes GELU in its tanh form."""
-    from export.towers import int8_sensitive_matmuls
+    """Attention is one fused node per layer (in the image tower an Attention node, its q/k/v projections
+    included; in orthserve-tiny's masked text tower onnxscript packs no q/k/v, so MultiHeadAttention), GELU
+    one BiasGelu; int8 turns the image tower's Attention nodes into QAttention and quantizes every weight
+    matrix multiply except the first attention (its Attention node and output projection) and the final
+    projection, keeps the patch convolution in fp32 and computes GELU in its tanh form."""
+    from export.towers import int8_sensitive_nodes
 
     layers = {"image": 2, "text": 2}  # orthserve-tiny
     for component, count in layers.items():
-        ops = collections.Counter(n.op_type for n in onnx.load(str(all_artifact.onnx_path(component))).graph.node)
-        assert ops["MultiHeadAttention"] == ops["BiasGelu"] == count, (component, ops)
+        graph = onnx.load(str(all_artifact.onnx_path(component))).graph
+        ops = collections.Counter(n.op_type for n in graph.node)
+        assert ops["Attention"] + ops["MultiHeadAttention"] == ops["BiasGelu"] == count, (component, ops)
         assert not {"Softmax", "Erf"} & set(ops), (component, ops)
-        assert all_artifact.manifest["graph_fusions"][component]["multi_head_attention"] == count
+        fusions = all_artifact.manifest["graph_fusions"][component]
+        assert fusions["multi_head_attention"] == count and fusions["attention"] == ops["Attention"]
+        # the quantizer skips Attention nodes that name their q/k/v widths
+        assert not any(a.name == "qkv_hidden_sizes" for n in graph.node for a in n.attribute)
     fp32 = onnx.load(str(all_artifact.onnx_path("image"))).graph
-    kept = int8_sensitive_matmuls(fp32)
-    first_attention = next(n for n in fp32.node if n.op_type == "MultiHeadAttention")
-    producers = {out: n.name for n in fp32.node for out in n.output}
-    assert kept[:3] == [producers[i] for i in first_attention.input[:3]]  # query, key, value
-    assert kept[4] == [n.name for n in fp32.node if n.op_type == "MatMul"][-1] and len(kept) == 5
+    assert sum(n.op_type == "Attention" for n in fp32.node) == layers["image"]
+    kept = int8_sensitive_nodes(fp32)
+    attentions = [n for n in fp32.node if n.op_type == "Attention"]
+    matmuls = [n.name for n in fp32.node if n.op_type == "MatMul"]
+    out_projection = next(n.name for n in fp32.node if n.op_type == "MatMul" and attentions[0].output[0] in n.input)
+    assert kept == [attentions[0].name, out_projection, matmuls[-1]]
     int8 = onnx.load(str(all_artifact.onnx_path("image", "int8"))).graph
     weights = {init.name for init in int8.initializer}
-    assert sorted(n.name for n in int8.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights) == sorted(kept)
+    fp32_left = [n.name for n in int8.node if n.op_type in ("MatMul", "Gemm", "Attention") and n.input[1] in weights]
+    assert sorted(fp32_left) == sorted(kept)
     ops = collections.Counter(n.op_type for n in int8.node)
+    assert ops["QAttention"] == layers["image"] - 1 and ops["Attention"] == 1, ops
     assert ops["Conv"] == 1 and "ConvInteger" not in ops and ops["MatMulInteger"] > 0
     assert ops["FastGelu"] == layers["image"] and "BiasGelu" not in ops, ops
+    # each GELU's bias is an Add on the int8 multiply's output (onnxruntime folds it into that multiply)
+    producers = {out: n for n in int8.node for out in n.output}
+    for gelu in (n for n in int8.node if n.op_type == "FastGelu"):
+        add = producers[gelu.input[0]]
+        assert len(gelu.input) == 1 and add.op_type == "Add" and add.input[1] in weights, (gelu, add)
+    # a text tower's attention carries its mask as an attention bias, which QAttention has no input for
+    text_ops = collections.Counter(n.op_type for n in onnx.load(str(all_artifact.onnx_path("text", "int8"))).graph.node)
+    assert "QAttention" not in text_ops, text_ops
+
+
+def test_int8_quantizes_attention_without_a_bias_and_keeps_a_masked_one(tmp_path):
+    """QAttention has no attention-bias input, so an Attention node that takes a mask stays fp32 (the quantizer
+    would drop the mask); one without becomes QAttention and still computes the same attention closely."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.towers import to_int8
+
+    width, length = 16, 5
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.triu(np.full((1, 1, length, length), -1e4, np.float32), 1), "mask")]
+    for name in ("plain", "masked"):
+        inits += [numpy_helper.from_array(rng.normal(size=(width, 3 * width)).astype(np.float32), f"w_{name}"),
+                  numpy_helper.from_array(rng.normal(size=3 * width).astype(np.float32), f"b_{name}")]
+    nodes = [helper.make_node("Attention", ["x", "w_plain", "b_plain"], ["plain"], name="plain",
+                              domain="com.microsoft", num_heads=2),
+             helper.make_node("Attention", ["x", "w_masked", "b_masked", "", "", "mask"], ["masked"], name="masked",
+                              domain="com.microsoft", num_heads=2)]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [None, length, width]) for n in ("plain", "masked")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, length, width])],
+                              outputs, inits)
+    source = tmp_path / "attention.onnx"
+    onnx.save(helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18),
+                                                                       helper.make_opsetid("com.microsoft", 1)]), source)
+    target = to_int8(source, tmp_path / "attention.int8.onnx", keep_fp32=[])
+    ops = {n.output[0]: n.op_type for n in onnx.load(str(target)).graph.node if "Attention" in n.op_type}
+    assert ops == {"plain": "QAttention", "masked": "Attention"}
+    x = {"x": rng.normal(size=(2, length, width)).astype(np.float32)}
+    run = lambda path: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, x)
+    (plain, masked), (plain8, masked8) = run(source), run(target)
+    assert np.array_equal(masked8, masked)
+    assert np.abs(plain8 - plain).max() < 0.05 * np.abs(plain).max()
+
+
+def test_int8_keeps_the_projections_of_a_graph_fused_only_to_multi_head_attention(tmp_path):
+    """A graph whose attention stayed MultiHeadAttention (q/k/v as three MatMuls): the three MatMuls that feed
+    the first one stay fp32 in its place."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.towers import int8_sensitive_nodes
+
+    width = 8
+    weights = [numpy_helper.from_array(np.eye(width, dtype=np.float32), f"w{i}") for i in range(5)]
+    nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"p{i}"], name=f"proj{i}") for i in range(3)]
+    nodes += [helper.make_node("MultiHeadAttention", ["p0", "p1", "p2"], ["a"], name="mha", domain="com.microsoft",
+                               num_heads=2),
+              helper.make_node("MatMul", ["a", "w3"], ["o"], name="out"),
+              helper.make_node("MatMul", ["o", "w4"], ["y"], name="last")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, width])], weights)
+    assert int8_sensitive_nodes(graph) == ["proj0", "proj1", "proj2", "out", "last"]
 
 
 def test_int8_tanh_gelu_matches_erf_gelu_closely(tmp_path):
@@ -148,8 +220,8 @@ def test_int8_tanh_gelu_matches_erf_gelu_closely(tmp_path):
 
     erf, tanh = tmp_path / "erf.onnx", tmp_path / "tanh.onnx"
     onnx.save(graph("BiasGelu"), str(erf))
-    to_int8(erf, tanh)  # nothing to quantize here; only the GELU rewrite
-    assert [n.op_type for n in onnx.load(str(tanh)).graph.node] == ["FastGelu"]
+    to_int8(erf, tanh)  # nothing to quantize here; only the GELU rewrite, its bias moved into an Add
+    assert [n.op_type for n in onnx.load(str(tanh)).graph.node] == ["Add", "FastGelu"]
     x = np.random.default_rng(0).normal(0, 3, (4, 768)).astype(np.float32)
     outs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0] for p in (erf, tanh)]
     assert np.abs(outs[0] - outs[1]).max() < 1e-3
@@ -247,8 +319,8 @@ def test_orthserve_mini_exports(tmp_path):
 
 @requires_data
 def test_int8_sensitivity_benchmark_on_an_artifact(all_artifact, tmp_path):
-    """bench/int8_sensitivity.py: every matrix multiply of the image tower named by its role and scored alone in
-    fp32, and the export's choice scored on two photo sets at three batch sizes."""
+    """bench/int8_sensitivity.py: every weight matrix multiply of the image tower (an Attention node's packed
+    query/key/value counts as one) named by its role and scored alone in fp32, and the export's choice scored on two photo sets at three batch sizes."""
     out = tmp_path / "results"
     done = subprocess.run([sys.executable, "bench/int8_sensitivity.py", str(all_artifact.root), "--val-per-class", "1",
                            "--heldout-per-class", "1", "--threads", "1", "--out", str(out)],
@@ -257,9 +329,9 @@ def test_int8_sensitivity_benchmark_on_an_artifact(all_artifact, tmp_path):
     report = json.loads((out / "int8_sensitivity.json").read_text())
     single = report["single_layer_fp32_batch32_val"]
     layers = 2  # orthserve-tiny
-    roles = [f"block {i} {r}" for i in range(layers) for r in ("query", "key", "value", "attention out", "MLP in", "MLP out")]
+    roles = [f"block {i} {r}" for i in range(layers) for r in ("query/key/value", "attention out", "MLP in", "MLP out")]
     assert sorted(single) == sorted(["none", *roles, "projection"]) and all(0 <= v <= 1 for v in single.values())
-    assert report["export_choice"] == ["block 0 query", "block 0 key", "block 0 value", "block 0 attention out", "projection"]
+    assert report["export_choice"] == ["block 0 query/key/value", "block 0 attention out", "projection"]
     assert report["photos"] == {"tiny-imagenet val": 200, "tiny-imagenet train, held out": 202}
     for rows in report["groups"].values():
         assert set(rows) == set(report["photos"]) and all(set(row) == {"1", "8", "32"} for row in rows.values())
