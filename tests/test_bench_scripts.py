@@ -197,3 +197,14 @@ def test_load_benchmark_smoke(tmp_path_factory, tmp_path):
     assert cpu["client"] > 0 and cpu["api"] > 0, cpu
     assert summary["zero_shot"]["errors"] == 0
     assert "CPU ms / request" in (tmp_path / "service_vs_raw.md").read_text()
+
+
+def test_image_gflop_counts_attention():
+    """ViT-B-32's image tower is about 8.8 GFLOP per 224 px image; counting without a grad-requiring input
+    missed nn.MultiheadAttention's fused inference path and read 5.9."""
+    import inference
+    import orthserve
+
+    model, _, _ = orthserve.load_model("ViT-B-32", "none")
+    model.eval().requires_grad_(False)
+    assert 8.7 < inference.image_gflop(model, 224) < 8.9
