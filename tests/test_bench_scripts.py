@@ -208,3 +208,29 @@ def test_image_gflop_counts_attention():
     model, _, _ = orthserve.load_model("ViT-B-32", "none")
     model.eval().requires_grad_(False)
     assert 8.7 < inference.image_gflop(model, 224) < 8.9
+
+
+def test_gpu_inference_smoke(tmp_path):
+    """bench/gpu_inference.py --device cpu --smoke: paths timed, checked against fp32, roofline verdict, table
+    and chart; the GPU run itself needs a CUDA machine."""
+    done = subprocess.run([sys.executable, "bench/gpu_inference.py", "--device", "cpu", "--smoke", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_inference.json").read_text())
+    result = report["result"]
+    assert result["paths"] == ["torch-fp32", "torch-fp16", "torch-bf16"]
+    assert all(rate > 0 for rates in result["images_per_s"].values() for rate in rates.values())
+    assert all(c["cosine_min"] > 0.99 for c in result["check_against_torch_fp32_on_8_images"].values())
+    assert report["roofline"]["batch"] == 4 and report["roofline"]["images_per_s"] > 0
+    assert "SMOKE SCALE" in (tmp_path / "gpu_inference.md").read_text()
+    assert (tmp_path / "gpu_inference.png").stat().st_size > 0
+
+
+def test_gpu_inference_without_cuda_says_so(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here")
+    done = subprocess.run([sys.executable, "bench/gpu_inference.py", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "no CUDA device" in done.stderr and "Traceback" not in done.stderr
