@@ -37,33 +37,12 @@ import torch.nn.functional as F  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from inference import build, image_gflop, pretrained_for, run_record, save_results  # noqa: E402
+from inference import (build, image_gflop, matmul_rate, pretrained_for, run_record, save_results,  # noqa: E402
+                       time_path)
 from server import PHOTOS  # noqa: E402
 
 TARGET_FRACTION = 0.30
 ORT_PROVIDERS = {"ort-cuda-fp16": "CUDAExecutionProvider", "ort-tensorrt-fp16": "TensorrtExecutionProvider"}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int, products: int = 10) -> dict:
-    """TFLOP/s of ``products`` back-to-back n x n products (best of ``repeats``, after a warm-up)."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(products):
-            a @ b
-        synchronize(device)
-        times.append((time.perf_counter() - start) / products)
-    flop = 2.0 * n ** 3
-    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "repeats": repeats, "products_per_repeat": products,
-            "tflops_best": flop / min(times) / 1e12, "tflops_median": flop / statistics.median(times) / 1e12}
 
 
 def torch_path(model: torch.nn.Module, dtype: torch.dtype, compile_it: bool = False):
@@ -95,17 +74,6 @@ def ort_path(onnx_path: Path, provider: str, device: torch.device, embed_dim: in
         session.run_with_iobinding(binding)
         return out
     return run
-
-
-def time_path(run, pixels: torch.Tensor, device: torch.device, seconds: float, min_iters: int) -> float:
-    """Images/second over at least ``seconds`` and ``min_iters`` calls, the device drained before and after."""
-    synchronize(device)
-    iters, start = 0, time.perf_counter()
-    while iters < min_iters or time.perf_counter() - start < seconds:
-        run(pixels)
-        iters += 1
-    synchronize(device)
-    return len(pixels) * iters / (time.perf_counter() - start)
 
 
 def load_pixels(photos: Path, spec, count: int) -> tuple[np.ndarray, str]:
@@ -196,7 +164,7 @@ def bench(args, device: torch.device, workdir: Path) -> dict:
     for r in range(args.rounds):
         for b in args.batches:
             for path in paths[r % len(paths):] + paths[:r % len(paths)]:  # rotate who goes first
-                rates[path][b].append(time_path(runners[path], pixels[:b], device, args.seconds, args.min_iters))
+                rates[path][b].append(time_path(runners[path], pixels[:b], args.seconds, args.min_iters, device))
         print(f"  round {r + 1}/{args.rounds} done", flush=True)
     ips = {p: {str(b): round(statistics.median(v), 1) for b, v in d.items()} for p, d in rates.items()}
     return {"model": name, "pretrained": pretrained, "image_size": spec.image_size, "image_gflop_per_image": round(gflop, 4),
@@ -213,7 +181,7 @@ def _copy_as(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def roofline(result: dict, matmul: dict, batch: int) -> dict:
-    limit = matmul["tflops_best"] * 1e3 / result["image_gflop_per_image"]
+    limit = matmul["gflops_best"] / result["image_gflop_per_image"]
     best_path = max(result["paths"], key=lambda p: result["images_per_s"][p][str(batch)])
     best = result["images_per_s"][best_path][str(batch)]
     return {"images_per_s": round(limit, 1), "batch": batch, "best_path": best_path, "best_measured": best,
@@ -229,8 +197,8 @@ def write_markdown(report: dict, path: Path) -> None:
                   "GPU figures and the verdict is not the issue's. Full run on a CUDA machine: "
                   "`python bench/gpu_inference.py`.", ""]
     lines += [f"Device: {report['device']}. {res['onnxruntime']}.", f"Pixels: {res['pixels']}.", "",
-              f"{mm['dtype']} matmul {mm['n']}x{mm['n']}: **{mm['tflops_best']:.1f} TFLOP/s** (best of {mm['repeats']}; "
-              f"median {mm['tflops_median']:.1f}). {res['model']}: {res['image_gflop_per_image']:.3f} GFLOP per "
+              f"{mm['dtype']} matmul {mm['n']}x{mm['n']}: **{mm['gflops_best'] / 1e3:.1f} TFLOP/s** (best of "
+              f"{mm['repeats']}; median {mm['gflops_median'] / 1e3:.1f}). {res['model']}: {res['image_gflop_per_image']:.3f} GFLOP per "
               f"{res['image_size']} px image -> **{roof['images_per_s']:.0f} img/s** at that rate.", "",
               "| path | " + " | ".join(f"batch {b} img/s" for b in batches) + " | max abs diff / min cosine vs torch-fp32 |",
               "|---|" + "---|" * (len(batches) + 1)]
@@ -299,8 +267,8 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = False
     matmul_dtype = torch.float16 if device.type == "cuda" else torch.float32  # CPUs have no fast fp16 matmul
     print(f"matmul {matmul_dtype} on {device} ...", flush=True)
-    matmul = matmul_rate(device, matmul_dtype, args.matmul_n or (256 if args.smoke else 8192), 5 if not args.smoke else 2)
-    print(f"  {matmul['tflops_best']:.1f} TFLOP/s", flush=True)
+    matmul = matmul_rate(args.matmul_n or (256 if args.smoke else 8192), 2 if args.smoke else 10, device, matmul_dtype)
+    print(f"  {matmul['gflops_best'] / 1e3:.1f} TFLOP/s", flush=True)
     with tempfile.TemporaryDirectory(prefix="orthserve-gpu-bench-") as tmp:
         result = bench(args, device, Path(tmp))
     report = {"scale": "smoke" if args.smoke else "full", "device_type": device.type, "device": device_line(device),

@@ -58,18 +58,28 @@ def threads_available() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def matmul_rate(n: int, repeats: int) -> dict:
-    """fp32 GFLOP/s of an n x n matmul with torch (best of ``repeats``, after one warm-up)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_rate(n: int, repeats: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """GFLOP/s of an n x n matmul with torch on ``device`` (best of ``repeats``, after one warm-up)."""
+    device = torch.device(device)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     torch.mm(a, b)
+    synchronize(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         torch.mm(a, b)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     flop = 2.0 * n ** 3
-    return {"n": n, "repeats": repeats, "threads": torch.get_num_threads(), "seconds": times,
+    return {"n": n, "repeats": repeats, "threads": torch.get_num_threads(), "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."), "seconds": times,
             "gflops_best": flop / min(times) / 1e9, "gflops_median": flop / statistics.median(times) / 1e9}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so a timer around it measures the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def image_gflop(model: torch.nn.Module, size: int) -> float:
@@ -137,12 +147,15 @@ def ort_runner(path: Path, variant: str, threads: int):
     return lambda pixels: session.run(None, {name: pixels})[0]
 
 
-def time_path(run, pixels: np.ndarray, seconds: float, min_iters: int) -> float:
-    """Images/second: repeat ``run(pixels)`` for at least ``seconds`` and ``min_iters`` calls."""
+def time_path(run, pixels, seconds: float, min_iters: int, device: torch.device = torch.device("cpu")) -> float:
+    """Images/second: repeat ``run(pixels)`` for at least ``seconds`` and ``min_iters`` calls (on a GPU, the
+    device drained before and after)."""
+    synchronize(device)
     iters, start = 0, time.perf_counter()
     while iters < min_iters or time.perf_counter() - start < seconds:
         run(pixels)
         iters += 1
+    synchronize(device)
     return len(pixels) * iters / (time.perf_counter() - start)
 
 
