@@ -38,7 +38,7 @@ import torch.nn.functional as F  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from inference import (build, image_gflop, matmul_rate, pretrained_for, run_record, save_results,  # noqa: E402
-                       time_path)
+                       timed_rounds)
 from server import PHOTOS  # noqa: E402
 
 TARGET_FRACTION = 0.30
@@ -162,12 +162,7 @@ def bench(args, device: torch.device, workdir: Path) -> dict:
         check[path] = {"images": len(probe), "max_abs_diff": float((out - ref).abs().max()),
                        "cosine_min": float(F.cosine_similarity(out, ref, dim=-1).min())}
     paths = list(runners)
-    rates: dict[str, dict[int, list[float]]] = {p: {b: [] for b in args.batches} for p in paths}
-    for r in range(args.rounds):
-        for b in args.batches:
-            for path in paths[r % len(paths):] + paths[:r % len(paths)]:  # rotate who goes first
-                rates[path][b].append(time_path(runners[path], pixels[:b], args.seconds, args.min_iters, device))
-        print(f"  round {r + 1}/{args.rounds} done", flush=True)
+    rates = timed_rounds(runners, pixels, args.batches, args.rounds, args.seconds, args.min_iters, name, device)
     ips = {p: {str(b): round(statistics.median(v), 1) for b, v in d.items()} for p, d in rates.items()}
     return {"model": name, "pretrained": pretrained, "image_size": spec.image_size, "image_gflop_per_image": round(gflop, 4),
             "adapters": [c.to_dict() for c in configs], "pixels": pixels_from, "paths": paths, "skipped": skipped,

@@ -159,6 +159,20 @@ def time_path(run, pixels, seconds: float, min_iters: int, device: torch.device 
     return len(pixels) * iters / (time.perf_counter() - start)
 
 
+def timed_rounds(runners: dict, pixels, batches: list[int], rounds: int, seconds: float, min_iters: int, label: str,
+                 device: torch.device = torch.device("cpu")) -> dict[str, dict[int, list[float]]]:
+    """Images/s of every path (``runners``: name -> run) at every batch size, once per round; within a round
+    the paths run back to back, the first one rotating, so a shared machine's drift hits them alike."""
+    paths = list(runners)
+    rates: dict[str, dict[int, list[float]]] = {p: {b: [] for b in batches} for p in paths}
+    for r in range(rounds):
+        for b in batches:
+            for path in paths[r % len(paths):] + paths[:r % len(paths)]:
+                rates[path][b].append(time_path(runners[path], pixels[:b], seconds, min_iters, device))
+        print(f"  {label}: round {r + 1}/{rounds} done", flush=True)
+    return rates
+
+
 class ServiceLayout:
     """onnxruntime fp32 and int8 in the service's CPU layout: ``workers`` processes, each with its own
     ``threads``-thread sessions, all running the same batch at once (service/runtime.py's defaults: one worker
@@ -346,16 +360,10 @@ def bench_model(name: str, args, threads: int, photos: list[Path], workdir: Path
     probe = pixels_all[:8]
     ref = runners["pytorch-unfolded"](probe)
     checks = {path: float(np.abs(runners[path](probe) - ref).max()) for path in PATHS}
-    rates: dict[str, dict[int, list[float]]] = {p: {b: [] for b in args.batches} for p in PATHS}
     for b in args.batches:  # warm-up: one call per path and batch size
         for path in PATHS:
             runners[path](pixels_all[:b])
-    for r in range(args.rounds):
-        for b in args.batches:
-            order = PATHS[r % len(PATHS):] + PATHS[:r % len(PATHS)]  # rotate who goes first
-            for path in order:
-                rates[path][b].append(time_path(runners[path], pixels_all[:b], args.seconds, args.min_iters))
-        print(f"  {name}: round {r + 1}/{args.rounds} done", flush=True)
+    rates = timed_rounds(runners, pixels_all, args.batches, args.rounds, args.seconds, args.min_iters, name)
     ips = {p: {str(b): round(statistics.median(v), 2) for b, v in d.items()} for p, d in rates.items()}
     print(f"  {name}: onnxruntime fp32 and int8 in the service's layout ...", flush=True)
     layout = service_layout_rates(art, pixels_all, args)
