@@ -58,6 +58,25 @@ def threads_available() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+INT8_FLAGS = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_int8_instructions() -> dict:
+    """The CPU's int8 dot-product instructions, from /proc/cpuinfo (Linux; elsewhere 'unknown')."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"model": "unknown", "flags": {}, "int8_dot": "unknown"}
+    flags = set(next((l.split(":", 1)[1].split() for l in text.splitlines() if l.startswith("flags")), []))
+    model = next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name")), "unknown")
+    have = {f: f in flags for f in INT8_FLAGS}
+    dot = ("AMX tiles" if have["amx_int8"] else "VNNI (vpdpbusd: one instruction per 4 int8 products)"
+           if have["avx512_vnni"] or have["avx_vnni"] else
+           "AVX2 only (vpmaddubsw + vpmaddwd: two instructions per 4 int8 products; no VNNI, no AMX)"
+           if have["avx2"] else "no AVX2")
+    return {"model": model, "flags": have, "int8_dot": dot}
+
+
 def matmul_rate(n: int, repeats: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict:
     """GFLOP/s of an n x n matmul with torch on ``device`` (best of ``repeats``, after one warm-up)."""
     device = torch.device(device)
@@ -415,7 +434,8 @@ def ratios_and_verdicts(result: dict, batches: list[int]) -> tuple[dict, list[di
 
 def roofline(result: dict, gflops: float, batches: list[int]) -> dict:
     """The fp32 limit: images/s at the measured fp32 matmul rate, against the best fp32 path.  int8 is
-    reported beside it, not as a fraction: this CPU's int8 units (AMX, VNNI) are not bound by the fp32 rate."""
+    reported beside it, not as a fraction: its peak depends on the CPU's int8 instructions (AVX2 alone: about
+    twice fp32's; VNNI or AMX: much more), which bench/int8_headroom.py measures."""
     ips = result["images_per_s"]
 
     def best(paths: list[str]) -> tuple[str, int]:
@@ -439,7 +459,7 @@ def write_markdown(report: dict, path: Path) -> None:
                   f"(load average {report['load_average'][0]:.1f} at the start). It proves the script works; the "
                   f"figures are not the product's performance and the verdicts below are not the issue's verdicts. "
                   f"Full run: `{FULL_COMMAND}`.", ""]
-    lines += [f"Hardware: {hw['cpu']}, {report['threads']} threads (torch and onnxruntime alike). fp32 matmul "
+    lines += [f"Hardware: {hw.get('int8_instructions', {}).get('model', hw['cpu'])} ({hw['cpu']}), {report['threads']} threads (torch and onnxruntime alike). fp32 matmul "
               f"{hw['matmul']['n']}x{hw['matmul']['n']}: **{hw['matmul']['gflops_best']:.1f} GFLOP/s** (best of "
               f"{hw['matmul']['repeats']}; median {hw['matmul']['gflops_median']:.1f}).", ""]
     lines += ["| model | path | " + " | ".join(f"batch {b} img/s" for b in batches) + " |",
@@ -455,8 +475,10 @@ def write_markdown(report: dict, path: Path) -> None:
         lines.append(f"| {res['model']} ({res['image_size']} px) | {res['image_gflop_per_image']:.3f} | {roof['images_per_s']:.1f} | "
                      f"{roof['best_measured']:.1f} ({roof['best_path']}, {roof['best_batch']}) | {roof['fraction']:.1%} | "
                      f"{roof.get('int8_best', '-')} ({roof.get('int8_batch', '-')}) |")
-    lines += ["", "int8 is not bound by the fp32 matmul rate: this CPU's int8 units (AMX, VNNI) have a higher peak, so an "
-              "int8 path can run above the fp32 limit."]
+    int8 = hw.get("int8_instructions")
+    lines += ["", "int8 is not bound by the fp32 matmul rate: its peak depends on the CPU's int8 instructions ("
+              + (f"this run's CPU, {int8['model']}: {int8['int8_dot']}" if int8 else "not recorded for this run")
+              + "); bench/int8_headroom.md measures int8 against fp32 matrix multiplies on one CPU."]
     if "vit_b32_at_8.8_gflop" in hw:
         lines += ["", f"ViT-B-32 at the issue's 8.8 GFLOP per 224 px image: **{hw['vit_b32_at_8.8_gflop']:.1f} img/s** at "
                   f"{hw['matmul']['gflops_best']:.1f} GFLOP/s"
@@ -548,7 +570,7 @@ def fidelity_only(artifact: Path, threads: int, photos: list[Path], args) -> Non
               "seconds": round(time.perf_counter() - started, 1), **run_record()}
     lines = [f"# int8 fidelity of `{artifact}` ({model}) on real photos", "",
              f"Reproduce: `{FULL_COMMAND} --fidelity-only {artifact}`", "",
-             "int8 = the artifact's dynamically quantized towers (onnxruntime `quantize_dynamic`, per-channel int8 "
+             "int8 = the artifact's dynamically quantized towers (onnxruntime `quantize_dynamic`, per-channel 7-bit int8 "
              "weights; the first attention's projections and the final projection stay fp32); reference = its fp32 towers. Agreement = same top-1 class as fp32 with the same label set; "
              "`ORTHSERVE_INT8=1` serves the int8 image tower with the fp32 text tower.", "",
              *fidelity_table([result]), "", "| target | value | verdict |", "|---|---|---|"]
@@ -626,6 +648,7 @@ def main() -> None:
             results.append(res)
             verdicts += v
     hardware = {"cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "matmul": mm,
+                "int8_instructions": cpu_int8_instructions(),
                 "vit_b32_at_8.8_gflop": round(mm["gflops_best"] / VIT_B32_GFLOP, 2)}
     for res in results:
         if res["model"] == "ViT-B-32":

@@ -25,7 +25,7 @@ import onnx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from inference import (DATA, class_embeddings, ort_runner, run_record, save_results,  # noqa: E402
+from inference import (DATA, class_embeddings, cpu_int8_instructions, ort_runner, run_record, save_results,  # noqa: E402
                        tiny_imagenet_names, tiny_imagenet_photos)
 
 from export.towers import ATTENTION_OPS, int8_sensitive_nodes, to_int8  # noqa: E402
@@ -124,7 +124,7 @@ def main() -> None:
     report = {"artifact": str(args.artifact), "model": art.manifest.get("model"), "classes": len(names),
               "photos": {name: len(paths) for name, paths in photo_sets.items()}, "target": TARGET,
               "single_layer_fp32_batch32_val": single, "groups": group_rows, "export_choice": [roles[n] for n in chosen],
-              "seconds": round(time.perf_counter() - start, 1), **run_record()}
+              "seconds": round(time.perf_counter() - start, 1), "cpu": cpu_int8_instructions(), **run_record()}
     save_results(args.out, "int8_sensitivity", report, write_markdown, write_chart)
 
 
@@ -133,7 +133,7 @@ def write_markdown(report: dict, path: Path) -> None:
     lines = [f"# int8 sensitivity of `{report['artifact']}` ({report['model']}) per matrix multiply", "",
              "Reproduce: `nice -n 5 .venv/bin/python bench/int8_sensitivity.py " + report["artifact"] + "`", "",
              f"Top-1 agreement of the int8 image tower with the fp32 one, {report['classes']} Tiny-ImageNet class names "
-             "(fp32 text tower). int8 = onnxruntime dynamic quantization (per-channel int8 weights, per-batch activation "
+             "(fp32 text tower). int8 = onnxruntime dynamic quantization (per-channel 7-bit int8 weights, per-batch activation "
              "scales), the export's `to_int8`. One flip = "
              f"{1 / photos['tiny-imagenet val']:.2%} of the {photos['tiny-imagenet val']} val photos.", "",
              "## Groups kept in fp32", "", "| kept in fp32 | photos | batch 1 | batch 8 | batch 32 |", "|---|---|---|---|---|"]
@@ -143,7 +143,9 @@ def write_markdown(report: dict, path: Path) -> None:
     lines += ["", f"## One matrix multiply kept in fp32 (val photos, batch 32)", "", "| kept in fp32 | top-1 agreement |",
               "|---|---|"]
     lines += [f"| {role} | {value:.2%} |" for role, value in report["single_layer_fp32_batch32_val"].items()]
-    lines += ["", f"{report['created']}; {report['machine']}; {report['seconds']} s."]
+    cpu = report.get("cpu")
+    lines += ["", (f"CPU: {cpu['model']}, int8 dot products: {cpu['int8_dot']}. " if cpu else "")
+              + f"{report['created']}; {report['machine']}; {report['seconds']} s."]
     path.write_text("\n".join(lines) + "\n")
 
 

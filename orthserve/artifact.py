@@ -163,13 +163,15 @@ def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
 
 
 def ort_session(path: str | Path, variant: str = "fp32", providers: Sequence[str] = ("CPUExecutionProvider",),
-                threads: int | None = None, log_severity: int = 3, spinning: bool = True):
+                threads: int | None = None, log_severity: int = 3, spinning: bool = True,
+                profile_prefix: str | None = None):
     """The one way we open an onnxruntime session (export verification, service, benchmarks).
 
     Disables the graph optimizers that crash onnxruntime on some variants
     (``ORT_DISABLED_OPTIMIZERS``); ``threads`` sets intra-op threads (None: onnxruntime's default).
     ``spinning=False`` stops idle intra-op threads from busy-waiting for work: right for a server whose
     other processes (HTTP, decoding) need the same cores, wrong for one process that only runs the model.
+    ``profile_prefix``: write onnxruntime's per-node profile there (``session.end_profiling()`` names the file).
     """
     import onnxruntime as ort
 
@@ -182,5 +184,8 @@ def ort_session(path: str | Path, variant: str = "fp32", providers: Sequence[str
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     return ort.InferenceSession(str(path), options, providers=list(providers),
                                 disabled_optimizers=ORT_DISABLED_OPTIMIZERS.get(variant))

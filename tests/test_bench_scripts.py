@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark scripts (base_to_new, fewshot_curve, lr_sweep, train_step in bench/).
+"""Smoke tests of the benchmark scripts in bench/ (accuracy, speed, int8 headroom, load, GPU on the CPU).
 
 orthserve-tiny with random weights, 2 classes, 1 shot, 1 seed, 2 methods, 1 epoch: checks the
 plumbing (styled cache, class views, runs through the training CLI, table / JSON / chart), not accuracy.
@@ -234,3 +234,36 @@ def test_gpu_inference_without_cuda_says_so(tmp_path):
     done = subprocess.run([sys.executable, "bench/gpu_inference.py", "--out", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "no CUDA device" in done.stderr and "Traceback" not in done.stderr
+
+
+@requires_data
+def test_int8_headroom_smoke(tmp_path_factory, tmp_path):
+    """bench/int8_headroom.py --smoke on an exported orthserve-tiny: the CPU's int8 instructions, bare matmuls
+    fp32 against int8, the tower's profile split, the speed-up the target needs; table and chart."""
+    from service_helpers import export_tiny
+
+    artifact = export_tiny(tmp_path_factory.getbasetemp())
+    done = subprocess.run([sys.executable, "bench/int8_headroom.py", str(artifact), "--smoke", "--models", "orthserve-tiny",
+                           "--batches", "1", "2", "--square", "128", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "int8_headroom.json").read_text())
+    assert report["cpu"]["int8_dot"] and set(report["cpu"]["flags"]) >= {"avx2", "amx_int8"}
+    assert report["gemms"]["square"]["int8_over_fp32"] > 0
+    block = report["gemms"]["blocks"]["orthserve-tiny"]
+    assert block["tokens"] == 17 and len(block["shapes"]) == 4  # 64 px / patch 16 -> 16 patches + class token
+    assert all(block["block"][b]["int8_ms"] > 0 for b in ("1", "2"))
+    tower = report["tower"]
+    assert tower["model"] == "orthserve-tiny" and all(tower["int8_over_fp32"][b] > 0 for b in ("1", "2"))
+    for variant in ("fp32", "int8"):
+        assert all(tower["profile"][variant][b]["matmul_ms"] > 0 for b in ("1", "2"))
+    assert "DynamicQuantizeMatMul" in tower["profile"]["int8"]["2"]["ops_ms"]
+    assert {"at_matmul_speedup", "matmul_speedup_for_target", "free_matmuls"} <= set(report["headroom"]["2"])
+    assert "matmul speed-up that" in (tmp_path / "int8_headroom.md").read_text()
+    assert (tmp_path / "int8_headroom.png").stat().st_size > 0
+
+
+def test_int8_headroom_without_artifact_says_so(tmp_path):
+    done = subprocess.run([sys.executable, "bench/int8_headroom.py", str(tmp_path / "nothing"), "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "no artifact there" in done.stderr and "Traceback" not in done.stderr
