@@ -67,8 +67,9 @@ def cpu_int8_instructions() -> dict:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return {"model": "unknown", "flags": {}, "int8_dot": "unknown"}
-    flags = set(next((l.split(":", 1)[1].split() for l in text.splitlines() if l.startswith("flags")), []))
-    model = next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name")), "unknown")
+    fields = dict(line.split(":", 1) for line in reversed(text.splitlines()) if ":" in line)  # first CPU's values
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags, model = set(fields.get("flags", "").split()), fields.get("model name", "unknown")
     have = {f: f in flags for f in INT8_FLAGS}
     dot = ("AMX tiles" if have["amx_int8"] else "VNNI (vpdpbusd: one instruction per 4 int8 products)"
            if have["avx512_vnni"] or have["avx_vnni"] else
@@ -459,7 +460,8 @@ def write_markdown(report: dict, path: Path) -> None:
                   f"(load average {report['load_average'][0]:.1f} at the start). It proves the script works; the "
                   f"figures are not the product's performance and the verdicts below are not the issue's verdicts. "
                   f"Full run: `{FULL_COMMAND}`.", ""]
-    lines += [f"Hardware: {hw.get('int8_instructions', {}).get('model', hw['cpu'])} ({hw['cpu']}), {report['threads']} threads (torch and onnxruntime alike). fp32 matmul "
+    cpu_model = hw.get("int8_instructions", {}).get("model", "CPU model not recorded")
+    lines += [f"Hardware: {cpu_model} ({hw['cpu']}), {report['threads']} threads (torch and onnxruntime alike). fp32 matmul "
               f"{hw['matmul']['n']}x{hw['matmul']['n']}: **{hw['matmul']['gflops_best']:.1f} GFLOP/s** (best of "
               f"{hw['matmul']['repeats']}; median {hw['matmul']['gflops_median']:.1f}).", ""]
     lines += ["| model | path | " + " | ".join(f"batch {b} img/s" for b in batches) + " |",
