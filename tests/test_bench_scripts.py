@@ -158,6 +158,15 @@ def test_inference_ratios_are_paired_per_round():
     assert inference.paired_ratio(rounds, "a", "b", "8") == 0.9
 
 
+def test_top_two_margins_measure_how_near_a_tie_each_answer_is():
+    """Best minus second-best score per image, whatever the order of the classes."""
+    import inference
+    import numpy as np
+
+    scores = np.array([[0.30, 0.10, 0.29], [0.05, 0.50, 0.20]])
+    assert np.allclose(inference.top_two_margins(scores), [0.01, 0.30])
+
+
 @requires_data
 def test_inference_benchmark_smoke(tmp_path):
     """bench/inference.py --smoke on orthserve-tiny: every path timed, ratios, verdicts, table and chart."""

@@ -293,6 +293,9 @@ def test_int8_fidelity_benchmark_on_an_artifact(all_artifact, tmp_path):
         assert row["image_cosine_min"] >= 0.98
         for figures in row["label_sets"].values():
             assert 0.0 <= figures["top1_agreement_image_only"] <= 1.0
+            flips = figures["fp32_margins_of_flips"]  # one fp32 top-1 margin per image the int8 tower flips
+            assert len(flips) == round((1 - figures["top1_agreement_image_only"]) * row["images"])
+            assert all(0.0 <= m <= 2.0 for m in flips) and figures["fp32_margin_median"] >= 0.0
     assert len(report["verdicts"]) == 5 and "int8 image tower top-1 agreement" in (out / "int8_fidelity.md").read_text()
     refused = subprocess.run([sys.executable, "bench/inference.py", "--fidelity-only", str(tmp_path)],
                              cwd=REPO, capture_output=True, text=True, timeout=120)
