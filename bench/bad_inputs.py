@@ -44,7 +44,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from server import Server, external, photo_paths, require_loopback, serve  # noqa: E402  (bench/ is sys.path[0])
+from server import Server, cpu_int8_instructions, external, photo_paths, require_loopback, serve  # noqa: E402  (bench/ is sys.path[0])
 
 API_ROUTES = ("/classify", "/classify_batch", "/embed_image", "/embed_text")
 LOAD_CONCURRENCY = 32
@@ -638,7 +638,7 @@ def main() -> None:
         report = {"scale": scale, "server": server.url if args.url else "bentoml serve started by this script (loopback)",
                   "model": info.get("model"), "limits": info.get("limits"), "summary": summary, "cases": results,
                   "server_log": log, "load": load, "load_average": os.getloadavg(),
-                  "machine": f"{platform.platform()}, {os.cpu_count()} CPUs", "command": " ".join(sys.argv),
+                  "machine": f"{cpu_int8_instructions()['model']}, {platform.platform()}, {os.cpu_count()} CPUs", "command": " ".join(sys.argv),
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         write_report(report, args.out)
     print(f"{summary['passed']}/{summary['cases']} cases ok; 5xx {summary['server_errors']}; readyz {readyz}; "

@@ -45,7 +45,7 @@ import torch.nn.functional as F  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from server import PHOTOS, photo_paths  # noqa: E402  (bench/ is sys.path[0])
+from server import PHOTOS, cpu_int8_instructions, photo_paths  # noqa: E402  (bench/ is sys.path[0])
 
 DATA = REPO.parent / "shared" / "data"
 PATHS = ("pytorch-base", "pytorch-unfolded", "pytorch-folded", "ort-fp32", "ort-int8")
@@ -56,26 +56,6 @@ FULL_COMMAND = "nice -n 5 .venv/bin/python bench/inference.py"
 
 def threads_available() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-INT8_FLAGS = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8")
-
-
-def cpu_int8_instructions() -> dict:
-    """The CPU's int8 dot-product instructions, from /proc/cpuinfo (Linux; elsewhere 'unknown')."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {"model": "unknown", "flags": {}, "int8_dot": "unknown"}
-    fields = dict(line.split(":", 1) for line in reversed(text.splitlines()) if ":" in line)  # first CPU's values
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    flags, model = set(fields.get("flags", "").split()), fields.get("model name", "unknown")
-    have = {f: f in flags for f in INT8_FLAGS}
-    dot = ("AMX tiles" if have["amx_int8"] else "VNNI (vpdpbusd: one instruction per 4 int8 products)"
-           if have["avx512_vnni"] or have["avx_vnni"] else
-           "AVX2 only (vpmaddubsw + vpmaddwd: two instructions per 4 int8 products; no VNNI, no AMX)"
-           if have["avx2"] else "no AVX2")
-    return {"model": model, "flags": have, "int8_dot": dot}
 
 
 def matmul_rate(n: int, repeats: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict:

@@ -39,7 +39,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from server import PHOTOS, external, photo_paths, require_loopback, serve, server_processes  # noqa: E402  (bench/ is sys.path[0])
+from server import PHOTOS, cpu_int8_instructions, external, photo_paths, require_loopback, serve, server_processes  # noqa: E402  (bench/ is sys.path[0])
 
 BATCH_RE = r'^orthserve_image_batch_size_{}(?:\{{[^}}]*\}})? (\S+)'
 DEFAULT_LABELS = '["ant", "bee", "wasp", "fly", "butterfly", "flower", "leaf", "spider"]'
@@ -149,7 +149,8 @@ async def run(url: str, concurrency: int, seconds: float, n_images: int, labels:
         # where the machine's time went: CPU ms per successful request, per process (load client included)
         "cpu_ms_per_request": {k: round(1000 * (cpu1[k] - cpu0.get(k, 0.0)) / max(len(latencies), 1), 2) for k in cpu1},
         "model": model.get("model"), "method": model.get("method"), "image_size": model.get("preprocess", {}).get("image_size"),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+                    "cpu_model": cpu_int8_instructions()["model"]},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     if keep_latencies:
@@ -269,7 +270,8 @@ def write_summary(summary: dict, out_dir: Path) -> Path:
                   "|---|---|---|---|---|---|",
                   f"| {zs['concurrency']} | {zs['embed_rps']} | {zs['zero_shot_rps']} | {zs['slowdown']:.1%} | "
                   f"<= {TARGET_ZERO_SHOT_SLOWDOWN:.0%} | {zs['verdict']} |", "",
-                  f"req/s: over all rounds; slowdown: 1 - the median over {ZERO_SHOT_ROUNDS} back-to-back pairs of "
+                  f"req/s: over all rounds; slowdown: 1 - the median over {ZERO_SHOT_ROUNDS} back-to-back pairs (the order "
+                  "alternating: embed first, then classify first) of "
                   "(/classify req/s) / (/embed_image req/s).", ""]
     lines += [f"Model {summary['model']}, image variant {summary['variant']}, {summary['machine']}; {summary['created']}.",
               "Raw session: in this process, batches of `concurrency` photos decoded and preprocessed one after another "
@@ -370,11 +372,11 @@ def main() -> None:
         if args.zero_shot_check:
             c = max(args.concurrency)
             embed, zs = [], []
-            for _ in range(ZERO_SHOT_ROUNDS):  # alternate, so drift on a shared machine hits both alike
-                embed.append(asyncio.run(run(server.url, c, seconds / ZERO_SHOT_ROUNDS, args.images, None,
-                                             "/embed_image", server.pid)))
-                zs.append(asyncio.run(run(server.url, c, seconds / ZERO_SHOT_ROUNDS, args.images,
-                                          args.zero_shot_labels, "/classify", server.pid)))
+            for i in range(ZERO_SHOT_ROUNDS):  # alternate, so drift on a shared machine hits both alike,
+                pair = [("/embed_image", None, embed), ("/classify", args.zero_shot_labels, zs)]
+                for endpoint, labels, runs in pair[::-1] if i % 2 else pair:  # and which one goes first too
+                    runs.append(asyncio.run(run(server.url, c, seconds / ZERO_SHOT_ROUNDS, args.images, labels,
+                                                endpoint, server.pid)))
             e_rps = sum(r["requests_ok"] for r in embed) / sum(r["seconds"] for r in embed)
             z_rps = sum(r["requests_ok"] for r in zs) / sum(r["seconds"] for r in zs)
             # paired: each round's two runs are back to back; the median of their ratios resists drift
@@ -394,7 +396,8 @@ def main() -> None:
                    "rows": rows, "zero_shot": zero_shot,
                    "targets": {"service_over_raw_at_c>=8": TARGET_SERVICE_RATIO,
                                "zero_shot_max_slowdown": TARGET_ZERO_SHOT_SLOWDOWN},
-                   "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+                   "machine": f"{cpu_int8_instructions()['model']}, {platform.machine()}, {os.cpu_count()} CPUs, "
+                              f"{platform.platform()}",
                    "load_average": os.getloadavg(),
                    "full_command": "nice -n 5 .venv/bin/python bench/load.py --serve ART_DIR -c 1 8 32 --compare-raw "
                                    "--zero-shot-check",

@@ -1,5 +1,6 @@
 """Shared by the bench scripts: start `bentoml serve service.service:Classifier` on a free loopback port,
-wait until /readyz, stop it (process group) afterwards; loopback URL checks; server memory via psutil.
+wait until /readyz, stop it (process group) afterwards; loopback URL checks; server memory via psutil; the
+CPU's int8 instructions (speed figures depend on them).
 
     with serve(artifact_dir, log_path) as server:   # server.url, server.pid
         ...
@@ -37,6 +38,26 @@ def photo_paths(limit: int | None = None) -> list[Path]:
     if not paths:
         raise SystemExit(f"no photos under {PHOTOS}")
     return paths[:limit] if limit else paths
+
+
+INT8_FLAGS = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_int8_instructions() -> dict:
+    """The CPU's int8 dot-product instructions, from /proc/cpuinfo (Linux; elsewhere 'unknown')."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"model": "unknown", "flags": {}, "int8_dot": "unknown"}
+    fields = dict(line.split(":", 1) for line in reversed(text.splitlines()) if ":" in line)  # first CPU's values
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags, model = set(fields.get("flags", "").split()), fields.get("model name", "unknown")
+    have = {f: f in flags for f in INT8_FLAGS}
+    dot = ("AMX tiles" if have["amx_int8"] else "VNNI (vpdpbusd: one instruction per 4 int8 products)"
+           if have["avx512_vnni"] or have["avx_vnni"] else
+           "AVX2 only (vpmaddubsw + vpmaddwd: two instructions per 4 int8 products; no VNNI, no AMX)"
+           if have["avx2"] else "no AVX2")
+    return {"model": model, "flags": have, "int8_dot": dot}
 
 
 def free_port() -> int:
