@@ -10,6 +10,7 @@ import numpy as np
 
 from orthserve.artifact import Artifact
 from service.api import info_app, prepare_images
+from service.balance import ConnectionRecycler
 from service.batching import Batcher
 from service.runtime import ImageModel, TextModel, default_workers, open_artifact, rank, resolve_model
 from service.validation import Limits, RequestError, RequestGuard, check_texts, check_top_k, json_errors
@@ -99,3 +100,4 @@ class Classifier:
 
 
 Classifier.add_asgi_middleware(RequestGuard)
+Classifier.add_asgi_middleware(ConnectionRecycler)  # spreads keep-alive clients over the workers

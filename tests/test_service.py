@@ -390,3 +390,22 @@ def test_batcher_errors_reach_every_request_of_the_batch_and_cancelled_ones_are_
 
     asyncio.run(main())
     assert seen == [1, 2, 1]  # the cancelled 5 rows never reached the model
+
+
+def test_every_8th_response_asks_the_client_to_reconnect(client):
+    """service/balance.py: so keep-alive clients spread over the workers; any 8 responses in a row hold one."""
+    closing = [client.get("/livez").headers.get("connection") for _ in range(8)]
+    assert closing.count("close") == 1 and set(closing) <= {"close", None}
+
+
+def test_connection_recycler_counts_responses_and_can_be_off():
+    from starlette.responses import PlainTextResponse
+    from starlette.testclient import TestClient
+
+    from service.balance import ConnectionRecycler
+
+    app = PlainTextResponse("ok")
+    every_third = TestClient(ConnectionRecycler(app, every=3))
+    assert [every_third.get("/").headers.get("connection") for _ in range(6)] == [None, None, "close"] * 2
+    never = TestClient(ConnectionRecycler(app, every=0))
+    assert all(never.get("/").headers.get("connection") is None for _ in range(6))
