@@ -24,7 +24,6 @@ import io
 import json
 import math
 import os
-import platform
 import shutil
 import socket
 import struct
@@ -33,7 +32,6 @@ import tempfile
 import threading
 import time
 import zlib
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
@@ -44,7 +42,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from server import Server, cpu_int8_instructions, external, photo_paths, require_loopback, serve  # noqa: E402  (bench/ is sys.path[0])
+from server import Server, external, machine_description, photo_paths, serve  # noqa: E402  (bench/ is sys.path[0])
 
 API_ROUTES = ("/classify", "/classify_batch", "/embed_image", "/embed_text")
 LOAD_CONCURRENCY = 32
@@ -638,7 +636,7 @@ def main() -> None:
         report = {"scale": scale, "server": server.url if args.url else "bentoml serve started by this script (loopback)",
                   "model": info.get("model"), "limits": info.get("limits"), "summary": summary, "cases": results,
                   "server_log": log, "load": load, "load_average": os.getloadavg(),
-                  "machine": f"{cpu_int8_instructions()['model']}, {platform.platform()}, {os.cpu_count()} CPUs", "command": " ".join(sys.argv),
+                  "machine": machine_description(), "command": " ".join(sys.argv),
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         write_report(report, args.out)
     print(f"{summary['passed']}/{summary['cases']} cases ok; 5xx {summary['server_errors']}; readyz {readyz}; "

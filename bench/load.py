@@ -31,7 +31,6 @@ import re
 import sys
 import time
 import uuid
-from contextlib import nullcontext
 from pathlib import Path
 
 import aiohttp
@@ -39,7 +38,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from server import PHOTOS, cpu_int8_instructions, external, photo_paths, require_loopback, serve, server_processes  # noqa: E402  (bench/ is sys.path[0])
+from server import PHOTOS, cpu_int8_instructions, external, machine_description, photo_paths, require_loopback, serve, server_processes  # noqa: E402  (bench/ is sys.path[0])
 
 BATCH_RE = r'^orthserve_image_batch_size_{}(?:\{{[^}}]*\}})? (\S+)'
 DEFAULT_LABELS = '["ant", "bee", "wasp", "fly", "butterfly", "flower", "leaf", "spider"]'
@@ -396,8 +395,7 @@ def main() -> None:
                    "rows": rows, "zero_shot": zero_shot,
                    "targets": {"service_over_raw_at_c>=8": TARGET_SERVICE_RATIO,
                                "zero_shot_max_slowdown": TARGET_ZERO_SHOT_SLOWDOWN},
-                   "machine": f"{cpu_int8_instructions()['model']}, {platform.machine()}, {os.cpu_count()} CPUs, "
-                              f"{platform.platform()}",
+                   "machine": machine_description(),
                    "load_average": os.getloadavg(),
                    "full_command": "nice -n 5 .venv/bin/python bench/load.py --serve ART_DIR -c 1 8 32 --compare-raw "
                                    "--zero-shot-check",

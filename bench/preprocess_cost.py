@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from server import cpu_int8_instructions, photo_paths  # noqa: E402  (bench/ is sys.path[0])
+from server import machine_description, photo_paths  # noqa: E402  (bench/ is sys.path[0])
 
 from orthserve.preprocess import (PreprocessSpec, center_crop, decode_image, preprocess,  # noqa: E402
                                   resize_shorter_side)
@@ -93,7 +92,7 @@ def main() -> None:
     report = {"scale": "smoke" if args.smoke else "full", "images": len(paths), "passes": passes,
               "photo_megapixels": {"mean": round(float(pixels.mean()) / 1e6, 3), "max": round(float(pixels.max()) / 1e6, 3)},
               "photo_bytes_mean": int(np.mean([len(d) for d in datas])), "results": results,
-              "load_average": os.getloadavg(), "machine": f"{cpu_int8_instructions()['model']}, {platform.platform()}, {os.cpu_count()} CPUs",
+              "load_average": os.getloadavg(), "machine": machine_description(),
               "command": " ".join(sys.argv), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "preprocess_cost.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -8,7 +8,9 @@ CPU's int8 instructions (speed figures depend on them).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -43,8 +45,9 @@ def photo_paths(limit: int | None = None) -> list[Path]:
 INT8_FLAGS = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8")
 
 
+@functools.cache
 def cpu_int8_instructions() -> dict:
-    """The CPU's int8 dot-product instructions, from /proc/cpuinfo (Linux; elsewhere 'unknown')."""
+    """The CPU's int8 dot-product instructions, from /proc/cpuinfo (Linux; elsewhere 'unknown'); read once."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -58,6 +61,11 @@ def cpu_int8_instructions() -> dict:
            "AVX2 only (vpmaddubsw + vpmaddwd: two instructions per 4 int8 products; no VNNI, no AMX)"
            if have["avx2"] else "no AVX2")
     return {"model": model, "flags": have, "int8_dot": dot}
+
+
+def machine_description() -> str:
+    """What a result file says about the machine: CPU model, platform, CPU count (the CPU varies between runs)."""
+    return f"{cpu_int8_instructions()['model']}, {platform.platform()}, {os.cpu_count()} CPUs"
 
 
 def free_port() -> int:
