@@ -1,40 +1,98 @@
 """Spread keep-alive connections over the service's worker processes.
 
-The workers share one listening socket, and the kernel hands a burst of new connections to whichever worker
-accepts first, often all to one (BentoML issue #5426).  A client that keeps its connections open then stays on
-that worker for good: 8 clients on 2 workers, ViT-B-32, ran at 9.5 req/s in 2 of 8 rounds against 17 req/s
-when spread (bench/results/service_vs_raw_vitb32.md).  So, like nginx's ``keepalive_requests``, each worker
-asks the client to reconnect (``Connection: close``) after every ``every``-th response it sends.  A busy worker
-sends more responses, so it lets go of more connections, and the reconnects go to whichever worker accepts
-first, usually the idle one.  Measured (2026-12-03, 2 CPUs, 2 workers, 6 s rounds, each with new connections):
-orthserve-mini, closing every 8th against never, the two servers alternating: median paired ratio 0.98 at 8
-clients and 1.00 at 32, while never closing had rounds at 134-148 req/s (one worker idle) against 170-180.
-ViT-B-32 at 8 clients: 15.3-17.4 req/s in all 8 rounds (never closing: 9.4-9.6 in 2 of 8).  At 32 clients a
-6 s round of ViT-B-32 (about 100 requests) is too short to undo a bad start every time (one of 5 at 11.6).
+The workers share one listening socket, and a burst of new connections goes to whichever worker accepts first,
+often all of them to one (asyncio and libuv accept every pending connection at each wake-up; BentoML issue
+#5426).  A client that keeps its connection open then stays on that worker for good: 8 clients on 2 workers,
+ViT-B-32, ran at 9.5 req/s in 2 of 8 rounds against 17 req/s when spread (bench/results/service_vs_raw_vitb32.md).
+
+So the workers post how many requests each has in flight on a shared board (a small memory-mapped file), and a
+worker that has at least 2 more in flight than the least busy one answers with ``Connection: close``: that
+client reconnects, and the idle worker, waiting in accept, usually takes it.  A balanced server never closes a
+connection; a lopsided one is evened out after a few responses, not a few hundred (closing every 8th response
+regardless, the previous rule, left a 32-client ViT-B-32 burst lopsided for seconds).
 """
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 from typing import Callable
 
-CLOSE_EVERY = int(os.environ.get("ORTHSERVE_CLOSE_EVERY", "8"))  # 0: never ask clients to reconnect
+import numpy as np
+
+BALANCE = os.environ.get("ORTHSERVE_BALANCE", "1").strip() != "0"  # 0: never ask clients to reconnect
+BOARD_PREFIX = "orthserve-in-flight-"
 
 
-class ConnectionRecycler:
-    """ASGI middleware: ``Connection: close`` on every ``every``-th HTTP response of this worker."""
+class InFlightBoard:
+    """Requests in flight per worker, one int32 slot each, in a file every worker of one server maps.
 
-    def __init__(self, app: Callable, every: int = CLOSE_EVERY) -> None:
-        self.app, self.every, self.responses = app, every, 0
+    Each worker writes only its own slot (from its one event-loop thread), so no lock is needed; reading the
+    others' slots a moment stale only delays a reconnect."""
+
+    def __init__(self, path: Path, workers: int, worker_index: int) -> None:
+        if not 0 <= worker_index < workers:
+            raise ValueError(f"worker_index {worker_index} is outside 0..{workers - 1}")
+        with open(path, "a+b") as f:  # every worker may create it; growing to the same size twice is harmless
+            if os.fstat(f.fileno()).st_size < 4 * workers:
+                os.ftruncate(f.fileno(), 4 * workers)
+        self.slots = np.memmap(path, dtype=np.int32, mode="r+", shape=(workers,))
+        self.mine = worker_index
+        self.slots[self.mine] = 0  # a restarted worker starts from nothing in flight
+
+    @classmethod
+    def for_this_server(cls, workers: int, folder: Path | None = None) -> InFlightBoard | None:
+        """The board shared by this server's workers (their common parent process names it), or None where this
+        process is not a numbered BentoML worker (tests, one worker: nothing to balance)."""
+        from bentoml._internal.context import server_context
+
+        if workers < 2 or server_context.worker_index is None:
+            return None
+        folder = folder or board_folder()
+        remove_boards_of_stopped_servers(folder)
+        return cls(folder / f"{BOARD_PREFIX}{os.getppid()}-{workers}", workers, server_context.worker_index - 1)
+
+    def should_hand_off(self) -> bool:
+        """At least 2 more in flight here than at the least busy worker: moving one client narrows the gap."""
+        return int(self.slots[self.mine]) - int(self.slots.min()) >= 2
+
+
+def board_folder() -> Path:
+    """Shared memory where Linux has it (the board never touches a disk), else the temp folder."""
+    return Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+
+
+def remove_boards_of_stopped_servers(folder: Path) -> None:
+    """Boards are a few bytes each, but one is left per server run; the next server clears those of dead ones."""
+    for board in folder.glob(f"{BOARD_PREFIX}*"):
+        try:
+            os.kill(int(board.name[len(BOARD_PREFIX):].split("-")[0]), 0)
+        except ProcessLookupError:
+            board.unlink(missing_ok=True)
+        except (ValueError, OSError):
+            pass  # not one of ours, or another user's live server
+
+
+class ConnectionBalancer:
+    """ASGI middleware: counts this worker's requests in flight on the board, and answers ``Connection: close``
+    when this worker is the busier one by 2 or more."""
+
+    def __init__(self, app: Callable, workers: int, board: InFlightBoard | None = None) -> None:
+        self.app = app
+        self.board = board if board is not None else (InFlightBoard.for_this_server(workers) if BALANCE else None)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or self.every <= 0:
+        board = self.board
+        if scope["type"] != "http" or board is None:
             return await self.app(scope, receive, send)
 
-        async def send_recycling(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                self.responses += 1
-                if self.responses % self.every == 0:
-                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+        async def send_balancing(message: dict) -> None:
+            if message["type"] == "http.response.start" and board.should_hand_off():
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
-        await self.app(scope, receive, send_recycling)
+        board.slots[board.mine] += 1
+        try:
+            await self.app(scope, receive, send_balancing)
+        finally:
+            board.slots[board.mine] -= 1

@@ -10,7 +10,7 @@ import numpy as np
 
 from orthserve.artifact import Artifact
 from service.api import info_app, prepare_images
-from service.balance import ConnectionRecycler
+from service.balance import ConnectionBalancer
 from service.batching import Batcher
 from service.runtime import ImageModel, TextModel, default_workers, open_artifact, rank, resolve_model
 from service.validation import Limits, RequestError, RequestGuard, check_texts, check_top_k, json_errors
@@ -31,8 +31,11 @@ def artifact() -> Artifact:
     return _CHECKED if resolve_model().resolve() == Path(_CHECKED.root).resolve() else open_artifact()
 
 
+WORKERS = default_workers()
+
+
 @bentoml.asgi_app(info_app, path="/")
-@bentoml.service(workers=default_workers(), traffic={"timeout": 60, "max_concurrency": 256})
+@bentoml.service(workers=WORKERS, traffic={"timeout": 60, "max_concurrency": 256})
 class Classifier:
     """Zero-shot (labels + templates) or fine-tuned classes, embeddings; bad input gets a 4xx."""
 
@@ -100,4 +103,4 @@ class Classifier:
 
 
 Classifier.add_asgi_middleware(RequestGuard)
-Classifier.add_asgi_middleware(ConnectionRecycler)  # spreads keep-alive clients over the workers
+Classifier.add_asgi_middleware(ConnectionBalancer, workers=WORKERS)  # keep-alive clients spread over the workers

@@ -392,20 +392,62 @@ def test_batcher_errors_reach_every_request_of_the_batch_and_cancelled_ones_are_
     assert seen == [1, 2, 1]  # the cancelled 5 rows never reached the model
 
 
-def test_every_8th_response_asks_the_client_to_reconnect(client):
-    """service/balance.py: so keep-alive clients spread over the workers; any 8 responses in a row hold one."""
-    closing = [client.get("/livez").headers.get("connection") for _ in range(8)]
-    assert closing.count("close") == 1 and set(closing) <= {"close", None}
+def test_the_service_balances_connections_over_its_workers(client):
+    """service/balance.py is installed; run in one process (no BentoML worker index) it has nothing to balance."""
+    from service.balance import ConnectionBalancer
+    from service.service import WORKERS, Classifier
+
+    assert (ConnectionBalancer, {"workers": WORKERS}) in Classifier.middlewares
+    assert all(client.get("/livez").headers.get("connection") != "close" for _ in range(10))
 
 
-def test_connection_recycler_counts_responses_and_can_be_off():
+def test_the_busier_worker_asks_its_client_to_reconnect(tmp_path):
+    """Two workers' balancers on one board: a worker 2 or more requests ahead of the other answers
+    Connection: close; a balanced pair never does; a request counts as in flight until its response is sent."""
     from starlette.responses import PlainTextResponse
     from starlette.testclient import TestClient
 
-    from service.balance import ConnectionRecycler
+    from service.balance import ConnectionBalancer, InFlightBoard
 
-    app = PlainTextResponse("ok")
-    every_third = TestClient(ConnectionRecycler(app, every=3))
-    assert [every_third.get("/").headers.get("connection") for _ in range(6)] == [None, None, "close"] * 2
-    never = TestClient(ConnectionRecycler(app, every=0))
-    assert all(never.get("/").headers.get("connection") is None for _ in range(6))
+    seen_in_flight = []
+
+    async def app(scope, receive, send):
+        seen_in_flight.append(first.slots.tolist())
+        await PlainTextResponse("ok")(scope, receive, send)
+
+    first, second = (InFlightBoard(tmp_path / "board", 2, index) for index in (0, 1))
+    worker = TestClient(ConnectionBalancer(app, workers=2, board=first))
+    assert worker.get("/").headers.get("connection") is None  # 1 in flight here, 0 there: moving gains nothing
+    assert seen_in_flight == [[1, 0]] and first.slots.tolist() == [0, 0]
+
+    first.slots[0] = 2  # two more requests of this worker's other clients are in flight
+    assert worker.get("/").headers.get("connection") == "close"  # 3 against 0
+    second.slots[1] = 2
+    assert worker.get("/").headers.get("connection") is None  # 3 against 2
+    assert first.slots.tolist() == [2, 2]
+
+
+def test_a_board_is_shared_by_one_servers_workers_and_cleared_after_it(tmp_path, monkeypatch):
+    from bentoml._internal.context import server_context
+
+    from service.balance import BOARD_PREFIX, InFlightBoard
+
+    assert InFlightBoard.for_this_server(2, tmp_path) is None  # not a BentoML worker
+    monkeypatch.setattr(server_context, "worker_index", 2)
+    assert InFlightBoard.for_this_server(1, tmp_path) is None  # one worker: nothing to balance
+    dead = subprocess_pid_that_has_exited()
+    (tmp_path / f"{BOARD_PREFIX}{dead}-2").write_bytes(bytes(8))
+    board = InFlightBoard.for_this_server(2, tmp_path)
+    assert board is not None and board.mine == 1
+    assert [p.name for p in tmp_path.iterdir()] == [f"{BOARD_PREFIX}{os.getppid()}-2"]
+    with pytest.raises(ValueError, match="outside"):
+        InFlightBoard(tmp_path / "board", 2, 2)
+
+
+def subprocess_pid_that_has_exited() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid

@@ -41,7 +41,7 @@ def artifact_dir(tmp_path_factory) -> Path:
 def server(artifact_dir, tmp_path_factory):
     port = free_port()
     log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")
-    env = {**os.environ, "ORTHSERVE_MODEL": str(artifact_dir), "ORTHSERVE_MAX_BYTES": str(MAX_BYTES),
+    env = {**os.environ, "ORTHSERVE_MODEL": str(artifact_dir), "ORTHSERVE_MAX_BYTES": str(MAX_BYTES), "ORTHSERVE_WORKERS": "2",
            "HF_HUB_OFFLINE": "1", "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml_home"))}
     bentoml = Path(sys.executable).with_name("bentoml")
     proc = subprocess.Popen([str(bentoml), "serve", "service.service:Classifier", "--host", "127.0.0.1",
@@ -60,6 +60,7 @@ def server(artifact_dir, tmp_path_factory):
             assert time.monotonic() < deadline, f"not ready in 180 s:\n{open(log.name).read()[-3000:]}"
             time.sleep(0.5)
         with httpx.Client(base_url=url, timeout=60) as client:
+            client.server_pid = proc.pid  # the workers' parent: it names their in-flight board
             yield client
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -179,3 +180,16 @@ def test_bad_input_over_http_and_still_ready(server):
     assert server.get("/readyz").status_code == 200 and server.get("/livez").status_code == 200
     info = server.get("/model").json()
     assert info["model"] == "orthserve-tiny" and info["classes"] == ["ants", "bees"]
+
+
+def test_both_workers_count_requests_in_flight_on_one_board(server):
+    """service/balance.py in real worker processes: one board for the server's 2 workers (named after their
+    parent, `bentoml serve`), and once every answer is in, no request is left counted in flight."""
+    from service.balance import BOARD_PREFIX, board_folder
+
+    with ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(lambda _: server.get("/livez").status_code, range(64)))
+    assert statuses == [200] * 64
+    boards = list(board_folder().glob(f"{BOARD_PREFIX}{server.server_pid}-*"))
+    assert [b.name for b in boards] == [f"{BOARD_PREFIX}{server.server_pid}-2"]
+    assert np.fromfile(boards[0], dtype=np.int32).tolist() == [0, 0]
