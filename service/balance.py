@@ -8,8 +8,9 @@ ViT-B-32, ran at 9.5 req/s in 2 of 8 rounds against 17 req/s when spread (bench/
 So the workers post how many requests each has in flight on a shared board (a small memory-mapped file), and a
 worker that has at least 2 more in flight than the least busy one answers with ``Connection: close``: that
 client reconnects, and the idle worker, waiting in accept, usually takes it.  A balanced server never closes a
-connection; a lopsided one is evened out after a few responses, not a few hundred (closing every 8th response
-regardless, the previous rule, left a 32-client ViT-B-32 burst lopsided for seconds).
+connection; a lopsided one is evened out after a few responses.  Side by side (2026-12-04, 2 CPUs, ViT-B-32),
+service / raw session at 8 and 32 clients: 0.99-1.00 and 0.94-1.02 over three runs, against 0.92 and 0.82 for
+the previous rule, closing every 8th response regardless (bench/results/service_vs_raw_vitb32.md).
 """
 from __future__ import annotations
 

@@ -41,7 +41,8 @@ def artifact_dir(tmp_path_factory) -> Path:
 def server(artifact_dir, tmp_path_factory):
     port = free_port()
     log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")
-    env = {**os.environ, "ORTHSERVE_MODEL": str(artifact_dir), "ORTHSERVE_MAX_BYTES": str(MAX_BYTES), "ORTHSERVE_WORKERS": "2",
+    env = {**os.environ, "ORTHSERVE_MODEL": str(artifact_dir), "ORTHSERVE_MAX_BYTES": str(MAX_BYTES),
+           "ORTHSERVE_WORKERS": "2",  # two workers on any machine, so the balancing between them runs
            "HF_HUB_OFFLINE": "1", "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml_home"))}
     bentoml = Path(sys.executable).with_name("bentoml")
     proc = subprocess.Popen([str(bentoml), "serve", "service.service:Classifier", "--host", "127.0.0.1",
