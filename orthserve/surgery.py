@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .adapters import AdapterConfig, BlockRotation, TaskResConfig, TaskResidual, WeightAdapter, config_from_dict
+from .adapters import (AdapterConfig, BlockRotation, TaskResConfig, TaskResidual, WeightAdapter, batched_rotation_blocks,
+                       config_from_dict, orthogonality_error)
 from .classifier import CLIPClassifier
 
 ADAPTER_FORMAT = "orthserve-adapters/1"
@@ -130,6 +131,83 @@ def rotate_inputs(*targets: nn.Module) -> Iterator[int]:
         for adapter, handle in switched:
             handle.remove()
             adapter.applied_to_input = False
+
+
+@contextlib.contextmanager
+def batched_rotations(*targets: nn.Module) -> Iterator[int]:
+    """Compute every enabled orthogonal adapter's rotation once per forward pass of ``target``, in one
+    batched Cayley transform per block size (:func:`~orthserve.adapters.batched_rotation_blocks`).
+
+    Per layer, a step would run one small transform per adapted weight (48 on ViT-B-16, each many tiny
+    GPU kernels); batched, the count no longer grows with the layers. A forward pre-hook on each target
+    fills the adapters' ``precomputed`` blocks and a forward hook (also on error) clears them, so nothing
+    stale outlives the pass. Only calls of ``target`` itself are batched. Yields the adapters covered.
+    """
+    handles = []
+    covered = 0
+    for target in targets:
+        rotations = [m for m in target.modules() if isinstance(m, BlockRotation)]
+        covered += len(rotations)
+        if not rotations:
+            continue
+
+        def fill(_module, _args, rotations=rotations) -> None:
+            active = [r for r in rotations if r.enabled]
+            for rotation, blocks in zip(active, batched_rotation_blocks(active)):
+                rotation.precomputed = blocks
+
+        def clear(_module, _args, _output, rotations=rotations) -> None:
+            for rotation in rotations:
+                rotation.precomputed = None
+
+        handles += [target.register_forward_pre_hook(fill), target.register_forward_hook(clear, always_call=True)]
+    try:
+        yield covered
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def fast_rotations(*targets: nn.Module) -> Iterator[None]:
+    """The training-time form of orthogonal adapters: :func:`batched_rotations` and :func:`rotate_inputs`.
+
+    Same function as without it; enter it once around the training loop (hooks registered once keep
+    ``torch.compile`` from recompiling).
+    """
+    with batched_rotations(*targets), rotate_inputs(*targets):
+        yield
+
+
+def set_cayley_kernel(target: nn.Module, kernel: str) -> int:
+    """Choose how every orthogonal adapter of ``target`` inverts ``I - Q`` ("auto", "lu", "newton"; see
+    :mod:`orthserve.adapters.cayley`). All give the same R where they converge; returns how many changed."""
+    rotations = [m for m in adapters(target) if isinstance(m, BlockRotation) and m.kernel != kernel]
+    for rotation in rotations:
+        rotation.kernel = kernel
+    return len(rotations)
+
+
+def max_orthogonality_error(target: nn.Module) -> float:
+    """``max |R^T R - I|`` over every orthogonal adapter of ``target`` (one host read; for log intervals)."""
+    rotations = [m for m in adapters(target) if isinstance(m, BlockRotation)]
+    if not rotations:
+        return 0.0
+    with torch.no_grad():
+        errors = [orthogonality_error(blocks) for blocks in batched_rotation_blocks(rotations)]
+    return float(torch.stack(errors).max())
+
+
+def max_kernel_drift(target: nn.Module) -> float:
+    """``max |R - R_lu|`` over the exact orthogonal adapters of ``target``: how far the kernel in use is
+    from the LU kernel (exact at any size). 0 where LU is in use already. One host read."""
+    rotations = [m for m in adapters(target) if isinstance(m, BlockRotation) and m.mode == "exact"]
+    if not rotations:
+        return 0.0
+    with torch.no_grad():
+        drifts = [(mine - lu).abs().amax() for mine, lu in
+                  zip(batched_rotation_blocks(rotations), batched_rotation_blocks(rotations, kernel="lu"))]
+    return float(torch.stack(drifts).max())
 
 
 def adapter_parameters(target: nn.Module) -> dict[str, nn.Parameter]:

@@ -67,11 +67,11 @@ def test_without_cutout_one_pass_gives_the_two_view_loss(tiny):
 
 def test_random_cutout_masks_a_square_of_the_given_size():
     images = torch.ones(64, 3, 20, 20)
-    cut = random_cutout(images, 0.5, 1.0, torch.Generator().manual_seed(0))
+    cut = random_cutout(images, 0.5, 1.0, torch.rand(len(images), 3, generator=torch.Generator().manual_seed(0)))
     masked = (cut[:, 0] == 0).sum(dim=(1, 2))
     assert masked.max() == 100 and masked.min() > 0  # 10x10 when inside, clipped at borders
     assert (cut[:, 0] == cut[:, 1]).all()  # all channels alike
-    assert torch.equal(random_cutout(images, 0.5, 0.0, torch.Generator()), images)
+    assert torch.equal(random_cutout(images, 0.5, 0.0, torch.rand(len(images), 3)), images)
 
 
 def test_attentive_cutout_masks_the_most_class_like_patches():
@@ -79,12 +79,12 @@ def test_attentive_cutout_masks_the_most_class_like_patches():
     similarity = torch.zeros(2, 4, 4)
     similarity[0, 2:4, 1:3] = 1.0  # image 0: class evidence at rows 2-3, cols 1-2
     similarity[1, 0, 0] = 1.0      # image 1: top-left corner
-    cut = attentive_cutout(images, similarity, 0.5, 1.0, torch.Generator().manual_seed(0))
+    cut = attentive_cutout(images, similarity, 0.5, 1.0, torch.rand(len(images)))
     expected = torch.ones(2, 16, 16)
     expected[0, 8:16, 4:12] = 0
     expected[1, 0:8, 0:8] = 0
     assert torch.equal(cut[:, 0], expected)
-    assert torch.equal(attentive_cutout(images, similarity, 0.5, 0.0, torch.Generator()), images)
+    assert torch.equal(attentive_cutout(images, similarity, 0.5, 0.0, torch.rand(len(images))), images)
 
 
 def test_lr_schedule_warms_up_then_decays():

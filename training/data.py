@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from orthserve.preprocess import ImageDecodeError, PreprocessSpec, decode_image, preprocess
 
@@ -256,14 +256,38 @@ class TrainImages(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        """``key``: an index (at the epoch of :meth:`set_epoch`) or ``(epoch, index)`` from :class:`EpochSampler`."""
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         sample = self.samples[index]
         image = read_image(sample.path)  # validated up front by drop_unreadable
         if self.transform is None:
             return torch.from_numpy(preprocess(image, self.spec)), sample.label
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch * 10_007 + index) % (2**63))
+            torch.manual_seed((self.seed * 1_000_003 + epoch * 10_007 + index) % (2**63))
             return self.transform(image), sample.label
+
+
+class EpochSampler(Sampler):
+    """A shuffled order per epoch that hands ``(epoch, index)`` to :class:`TrainImages`.
+
+    The epoch travels with each index, so data-loading workers can persist across epochs (no worker
+    start-up per epoch, which on a few-shot run of a few steps costs more than the steps) and still
+    draw each epoch's own augmentations. The order is ``randperm(n)`` seeded by ``seed * 7919 + epoch``.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch))
+        return ((self.epoch, i) for i in order.tolist())
 
 
 class EvalImages(Dataset):

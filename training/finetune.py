@@ -45,9 +45,8 @@ from orthserve.adapters import ATTENTION_TARGETS, FFN_TARGETS, AdapterConfig
 from orthserve.classifier import DEFAULT_TEMPLATES
 from orthserve.preprocess import PreprocessSpec
 from orthserve.runs import ADAPTER_FILE, RunInfo, load_base_model
-from orthserve.surgery import rotate_inputs
 
-from .data import (SUBSAMPLES, DataError, LabelledSet, TrainImages, drop_unreadable, few_shot, load_labelled,
+from .data import (SUBSAMPLES, DataError, EpochSampler, LabelledSet, TrainImages, drop_unreadable, few_shot, load_labelled,
                    per_class, subsample_classes)
 from .evaluate import classifier_for, evaluate_classifier, harmonic_mean
 from .objective import CUTOUT_MODES, CrossEntropyObjective, OrthCRConfig, OrthCRObjective
@@ -60,6 +59,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- options
+
+def default_workers() -> int:
+    """Decoding and augmenting 224 px JPEGs runs at a few hundred images/s per process: on a GPU machine
+    use most CPUs (a GPU trains ViT-B-16 at thousands of images/s), keep one for the training loop."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8 if torch.cuda.is_available() else 4, cpus - 1 if cpus > 2 else cpus))
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.finetune", description=__doc__,
@@ -83,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test-data", help="test folder/CSV (default: --test-per-class per class held out of --data)")
     g.add_argument("--val-shots", type=int, default=None, help="held-out validation images per class (default min(shots, 4))")
     g.add_argument("--test-per-class", type=int, default=100, help="held-out test images per class (0: all left over)")
-    g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loading processes (0: in process)")
+    g.add_argument("--workers", type=int, default=default_workers(), help="data-loading processes (0: in process); "
+                   "they persist across epochs")
     g = p.add_argument_group("method")
     g.add_argument("--method", default="orthcr", help=f"one of {', '.join(METHODS)}")
     g.add_argument("--objective", default="auto", choices=("auto", "ce", "orthcr"),
@@ -123,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast precision on GPU (auto: bf16 where supported); CPU always runs fp32")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     g.add_argument("--eval-batch-size", type=int, default=128)
+    g.add_argument("--compile", action="store_true", help="torch.compile the step's forward and loss (see docs/TRAINING.md)")
+    g.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
+                   help="torch.compile mode; reduce-overhead adds CUDA graphs on GPU")
+    g.add_argument("--log-every", type=int, default=25, metavar="STEPS",
+                   help="read loss and accuracy from the device every STEPS steps (and at each epoch's end); "
+                        "in between the step never waits for the device")
     g = p.add_argument_group("run directory")
     g.add_argument("--out", help="RUN_DIR for the outputs and checkpoints")
     g.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt (last complete epoch)")
@@ -280,15 +293,16 @@ def lr_lambda(step: int, warmup: int, total: int, floor: float) -> float:
 # --------------------------------------------------------------------------- the step
 
 def train_step(classifier, objective, optimizer, scheduler, scaler, images, labels, autocast, grad_clip: float):
-    """One optimization step; returns ``(loss, correct, parts)`` as Python numbers.
+    """One optimization step; returns ``(loss, correct, parts)`` as device tensors, never waiting for the device.
 
     Forward under autocast (GPU), backward (fp16 loss scaling when needed), clip, step,
-    advance the schedule.  The objective decides what "loss" means (CE or OrthCR).
-    Orthogonal adapters on wide layers rotate the layer's input during the step
-    (``orthserve.rotate_inputs``: same function, no full weight gradient).
+    advance the schedule.  The objective decides what "loss" means (CE or OrthCR).  Read the
+    results at log intervals (:class:`DeviceSums`): a ``.item()`` here would stall a GPU every step.
+    Run it inside ``orthserve.fast_rotations(classifier)`` (entered once for the run): orthogonal
+    adapters then compute their rotations batched and rotate inputs where that is cheaper.
     """
     classifier.train()
-    with autocast(), rotate_inputs(classifier):
+    with autocast():
         loss, logits, parts = objective(classifier, images, labels)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -298,8 +312,56 @@ def train_step(classifier, objective, optimizer, scheduler, scaler, images, labe
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()
-    correct = int((logits.argmax(dim=-1) == labels).sum())
-    return float(loss.detach()), correct, {k: float(v.detach()) for k, v in parts.items()}
+    correct = (logits.detach().argmax(dim=-1) == labels).sum()
+    return loss.detach(), correct, {k: v.detach() for k, v in parts.items()}
+
+
+class DeviceSums:
+    """Per-step figures summed on the device; :meth:`means` reads them all in one host sync."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.images = 0
+
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, parts: dict[str, torch.Tensor], images: int) -> None:
+        for key, value in {"loss": loss * images, "acc": correct, **{k: v * images for k, v in parts.items()}}.items():
+            self.sums[key] = self.sums[key] + value.float() if key in self.sums else value.float()
+        self.images += images
+
+    def means(self) -> dict[str, float]:
+        if not self.sums:
+            return {}
+        values = torch.stack(list(self.sums.values())).tolist()  # the one sync
+        return {k: v / max(self.images, 1) for k, v in zip(self.sums, values)}
+
+
+ORTHOGONALITY_TOLERANCE = 1e-5
+
+
+def keep_orthogonal(classifier, cayley: str) -> float:
+    """``max |R^T R - I|`` of the adapters now, read at a log interval. Should the GPU's Newton-Schulz kernel
+    not have converged (rotations far larger than runs reach: see orthserve/adapters/cayley.py), its R
+    differs from the LU kernel's: the run then switches to LU, exact at any size, and says so."""
+    if cayley == "exact":
+        drift = orthserve.surgery.max_kernel_drift(classifier)
+        if drift > ORTHOGONALITY_TOLERANCE and orthserve.surgery.set_cayley_kernel(classifier, "lu"):
+            log.warning("the Newton-Schulz Cayley kernel is %.2g from the exact rotations (past its range); "
+                        "computing them with the LU kernel from now on", drift)
+    return orthserve.max_orthogonality_error(classifier)
+
+
+def check_finite(means: dict[str, float], step: int) -> dict[str, float]:
+    if not all(math.isfinite(v) for v in means.values()):
+        raise FloatingPointError(f"loss became {means.get('loss')} by step {step}; lower --lr or use --precision fp32")
+    return means
+
+
+def compile_objective(objective, mode: str = "default"):
+    """``torch.compile`` of the forward and loss (the backward follows through AOTAutograd). The Cutout
+    randomness is drawn eagerly and passed in (dynamo cannot trace a ``torch.Generator``); the optimizer
+    step stays eager (fused AdamW is one kernel already)."""
+    compiled = torch.compile(objective.loss, mode=mode)
+    return lambda classifier, images, labels: compiled(classifier, images, labels, objective.draws(images))
 
 
 # --------------------------------------------------------------------------- run directory
@@ -489,7 +551,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     log.info("method %s: %d trainable parameters in %d tensors; %d training images, %d classes, device %s",
              args.method, sum(p.numel() for p in params.values()), len(params), len(train.samples),
              len(train.classes), device)
-    cutout_rng = torch.Generator().manual_seed(args.seed)
+    cutout_rng = torch.Generator(device=device).manual_seed(args.seed)  # on the device: no copy, no sync per step
     history: list[dict] = []
     step, start_epoch = 0, 0
     steps_per_epoch = math.ceil(len(train.samples) / args.batch_size)
@@ -505,6 +567,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                                                  args.cutout_size, args.cutout_prob), cutout_rng)
         else:
             objective = CrossEntropyObjective()
+        if args.compile:
+            objective = compile_objective(objective, args.compile_mode)
         taskres_lr = args.taskres_lr if args.method == "orthcr+taskres" else args.lr
         groups = [{"params": [p for n, p in params.items() if not n.startswith("taskres.")], "lr": args.lr},
                   {"params": [p for n, p in params.items() if n.startswith("taskres.")], "lr": taskres_lr}]
@@ -529,47 +593,48 @@ def main(argv: Sequence[str] | None = None) -> dict:
             log.info("resumed from %s at epoch %d, step %d", run_dir / CHECKPOINT, start_epoch, step)
 
         ran = 0
-        for epoch in range(start_epoch, epochs):
-            if args.stop_after_epochs is not None and ran >= args.stop_after_epochs:
-                log.info("stopping after %d epoch(s) as asked; continue with --resume", ran)
-                return {"stopped_at_epoch": epoch, "step": step}
-            train_data.set_epoch(epoch)
-            loader = DataLoader(train_data, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                                generator=torch.Generator().manual_seed(args.seed * 7919 + epoch),
-                                pin_memory=device.type == "cuda", persistent_workers=False)
-            loss_sum, correct, seen, parts_sum = 0.0, 0, 0, {}
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=None if progress is None else not progress)
-            for images, labels in bar:
-                if step >= total_steps:
-                    break
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                loss, right, parts = train_step(classifier, objective, optimizer, scheduler, scaler, images, labels,
-                                                autocast, args.grad_clip)
-                step += 1
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss} at step {step}; lower --lr or use --precision fp32")
-                loss_sum, correct, seen = loss_sum + loss * len(labels), correct + right, seen + len(labels)
-                for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + v * len(labels)
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
-            row = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
-                   "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-                   **{f"train_{k}": v / max(seen, 1) for k, v in parts_sum.items()}}
-            if splits["val"] is not None:
-                result = evaluate(classifier, splits["val"], desc="validate")
-                row.update(val_loss=result["loss"], val_acc=result["top1"])
-            history.append(row)
-            log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
-            ran += 1
-            if args.checkpoint_every and ((epoch + 1) % args.checkpoint_every == 0 or epoch + 1 == epochs
-                                          or ran == args.stop_after_epochs):
-                atomic_torch_save({"epoch": epoch + 1, "step": step, "history": history,
-                                   "trainable": {n: p.detach().cpu() for n, p in params.items()},
-                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                   "scaler": scaler.state_dict(), "rng": rng_state(cutout_rng),
-                                   "model": args.model, "method": args.method}, run_dir / CHECKPOINT)
-            save_weights(classifier, configs, run_dir, args.method)
-            write_history(run_dir, history)
+        sampler = EpochSampler(len(train_data), args.seed)
+        loader = DataLoader(train_data, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+                            pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+                            prefetch_factor=4 if args.workers > 0 else None)
+        with orthserve.fast_rotations(classifier):
+            for epoch in range(start_epoch, epochs):
+                if args.stop_after_epochs is not None and ran >= args.stop_after_epochs:
+                    log.info("stopping after %d epoch(s) as asked; continue with --resume", ran)
+                    return {"stopped_at_epoch": epoch, "step": step}
+                sampler.set_epoch(epoch)
+                sums = DeviceSums()
+                bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=None if progress is None else not progress)
+                for images, labels in bar:
+                    if step >= total_steps:
+                        break
+                    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                    sums.add(*train_step(classifier, objective, optimizer, scheduler, scaler, images, labels,
+                                         autocast, args.grad_clip), images=len(labels))
+                    step += 1
+                    if step % args.log_every == 0:
+                        means = check_finite(sums.means(), step)
+                        bar.set_postfix(loss=f"{means['loss']:.4f}", acc=f"{means['acc']:.3f}")
+                means = check_finite(sums.means(), step)
+                row = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
+                       **{f"train_{k}": v for k, v in means.items()}}
+                if splits["val"] is not None:
+                    result = evaluate(classifier, splits["val"], desc="validate")
+                    row.update(val_loss=result["loss"], val_acc=result["top1"])
+                if args.method.startswith("orthcr"):
+                    row["orthogonality_error"] = keep_orthogonal(classifier, args.cayley)
+                history.append(row)
+                log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
+                ran += 1
+                if args.checkpoint_every and ((epoch + 1) % args.checkpoint_every == 0 or epoch + 1 == epochs
+                                              or ran == args.stop_after_epochs):
+                    atomic_torch_save({"epoch": epoch + 1, "step": step, "history": history,
+                                       "trainable": {n: p.detach().cpu() for n, p in params.items()},
+                                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                       "scaler": scaler.state_dict(), "rng": rng_state(cutout_rng),
+                                       "model": args.model, "method": args.method}, run_dir / CHECKPOINT)
+                save_weights(classifier, configs, run_dir, args.method)
+                write_history(run_dir, history)
 
     save_weights(classifier, configs, run_dir, args.method)
     metrics: dict[str, Any] = {"model": args.model, "pretrained": args.pretrained, "method": args.method,

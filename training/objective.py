@@ -35,16 +35,17 @@ class OrthCRConfig:
 
 # --------------------------------------------------------------------------- Cutout
 
-def random_cutout(images: torch.Tensor, size: float, prob: float, generator: torch.Generator) -> torch.Tensor:
+def random_cutout(images: torch.Tensor, size: float, prob: float, draw: torch.Tensor) -> torch.Tensor:
     """Cutout (DeVries & Taylor, 2017) on normalized pixels.
 
     For each image, with probability ``prob``: a square of side ``round(size * H)`` pixels,
     its centre uniform over the whole image (so the square may be clipped at the border),
-    is set to 0, i.e. the normalization mean colour.  Returns a new tensor.
+    is set to 0, i.e. the normalization mean colour.  ``draw [B, 3]``: uniform numbers in [0, 1)
+    (centre row, centre column, whether to mask), drawn by the caller so that this function
+    has no random state of its own (``torch.compile`` traces it whole).  Returns a new tensor.
     """
-    batch, _, height, width = images.shape
+    _, _, height, width = images.shape
     side = max(1, round(size * min(height, width)))
-    draw = torch.rand(batch, 3, generator=generator, device=generator.device).to(images.device)
     rows = torch.arange(height, device=images.device)[None, :, None]
     cols = torch.arange(width, device=images.device)[None, None, :]
     cy = (draw[:, 0] * height).long()[:, None, None]
@@ -68,16 +69,17 @@ def patch_text_similarity(patch_tokens: torch.Tensor, visual: nn.Module, text: t
 
 
 def attentive_cutout(images: torch.Tensor, similarity: torch.Tensor, size: float, prob: float,
-                     generator: torch.Generator) -> torch.Tensor:
+                     draw: torch.Tensor) -> torch.Tensor:
     """Mask the square, aligned to the patch grid, whose patches are most similar to the class.
 
     ``similarity [B, g, g]`` comes from :func:`patch_text_similarity` of the frozen model's
     patch tokens and the image's own class text embedding.  The square is ``k = max(1,
     round(size * g))`` patches on a side; among all ``(g-k+1)^2`` positions the one with
-    the largest summed similarity is set to 0 (the mean colour), with probability ``prob``.
+    the largest summed similarity is set to 0 (the mean colour), with probability ``prob``
+    (``draw [B]``: uniform numbers in [0, 1), one per image).
     Hiding the most class-like evidence forces the adapted model to use the rest of the image.
     """
-    batch, _, height, width = images.shape
+    _, _, height, width = images.shape
     grid = similarity.shape[-1]
     k = max(1, min(grid, round(size * grid)))
     scores = F.avg_pool2d(similarity[:, None], kernel_size=k, stride=1)[:, 0]  # [B, g-k+1, g-k+1]
@@ -88,30 +90,29 @@ def attentive_cutout(images: torch.Tensor, similarity: torch.Tensor, size: float
     cols = torch.arange(width, device=images.device)[None, None, :]
     y0, x0 = (top * patch_h)[:, None, None], (left * patch_w)[:, None, None]
     mask = (rows >= y0) & (rows < y0 + k * patch_h) & (cols >= x0) & (cols < x0 + k * patch_w)
-    keep = torch.rand(batch, generator=generator, device=generator.device).to(images.device) < prob
+    keep = draw < prob
     return images.masked_fill((mask & keep[:, None, None])[:, None], 0.0)
 
 
 class PatchTokens:
-    """Captures the ViT's token sequence (output of ``visual.transformer``) with a forward hook.
+    """Keeps the ViT's token sequence (output of ``visual.transformer``) of the passes run while
+    ``capturing`` is set.
 
-    Works for open_clip ``VisionTransformer`` towers (class token first, then the patch grid).
+    The forward hook is registered once, for the objective's lifetime: registering it per step would
+    change the module's hooks every step and make ``torch.compile`` recompile. Works for open_clip
+    ``VisionTransformer`` towers (class token first, then the patch grid).
     """
 
     def __init__(self, visual: nn.Module) -> None:
         if not hasattr(visual, "transformer") or not hasattr(visual, "ln_post") or not hasattr(visual, "class_embedding"):
             raise ValueError("attentive Cutout needs an open_clip VisionTransformer image tower "
                              f"(got {type(visual).__name__}); use --cutout random")
-        self.visual, self.tokens = visual, None
+        self.visual, self.tokens, self.capturing = visual, None, False
+        self.handle = visual.transformer.register_forward_hook(self._keep)
 
-    def __enter__(self) -> "PatchTokens":
-        def hook(_module, _inputs, output):
+    def _keep(self, _module, _inputs, output) -> None:
+        if self.capturing:
             self.tokens = output
-        self.handle = self.visual.transformer.register_forward_hook(hook)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.handle.remove()
 
     def patches(self, batch: int) -> torch.Tensor:
         """``[batch, grid*grid, width]`` patch tokens (class token dropped; sequence-first layouts transposed)."""
@@ -134,7 +135,11 @@ def kl_frozen_adapted(frozen_logits: torch.Tensor, logits: torch.Tensor) -> torc
 
 
 class OrthCRObjective:
-    """Callable ``(classifier, images, labels) -> (loss, logits on original views, parts)``."""
+    """Callable ``(classifier, images, labels) -> (loss, logits on original views, parts)``.
+
+    The call draws the Cutout randomness (from ``generator``, on its device) and hands it to
+    :meth:`loss`, which has no random state: that is the part ``torch.compile`` compiles.
+    """
 
     def __init__(self, classifier: orthserve.CLIPClassifier, config: OrthCRConfig, generator: torch.Generator) -> None:
         if config.cutout not in CUTOUT_MODES:
@@ -148,28 +153,40 @@ class OrthCRObjective:
             image = classifier.image_features(images)
             return classifier.model.logit_scale.exp() * image.float() @ self.frozen_text.T
 
-    def cutout_views(self, classifier, images, labels, frozen_tokens) -> torch.Tensor:
+    def draws(self, images: torch.Tensor) -> torch.Tensor | None:
+        """This batch's Cutout randomness: ``[B, 3]`` (random) or ``[B]`` (attentive) uniform numbers."""
+        shape = {"random": (len(images), 3), "attentive": (len(images),)}.get(self.config.cutout)
+        if shape is None:
+            return None
+        return torch.rand(shape, generator=self.generator, device=self.generator.device).to(images.device)
+
+    def cutout_views(self, classifier, images, labels, frozen_tokens, draws) -> torch.Tensor:
         c = self.config
         if c.cutout == "random":
-            return random_cutout(images, c.cutout_size, c.cutout_prob, self.generator)
+            return random_cutout(images, c.cutout_size, c.cutout_prob, draws)
         if c.cutout == "attentive":
             similarity = patch_text_similarity(frozen_tokens, classifier.model.visual, self.frozen_text[labels])
-            return attentive_cutout(images, similarity, c.cutout_size, c.cutout_prob, self.generator)
+            return attentive_cutout(images, similarity, c.cutout_size, c.cutout_prob, draws)
         raise AssertionError(f"no Cutout views for mode {c.cutout!r}")
 
     def __call__(self, classifier, images, labels):
+        return self.loss(classifier, images, labels, self.draws(images))
+
+    def loss(self, classifier, images, labels, draws):
         c = self.config
         if c.cutout == "none":  # the "Cutout view" is the image itself: one pass, the same loss value
             frozen = frozen_cut = self.frozen_logits(classifier, images)
             logits = logits_cut = classifier(images).float()
         else:
             if self.tokens is not None:  # attentive: the mask needs the frozen patch tokens first
-                with self.tokens:
-                    frozen = self.frozen_logits(classifier, images)
-                cut = self.cutout_views(classifier, images, labels, self.tokens.patches(len(images)).detach())
+                self.tokens.capturing = True
+                frozen = self.frozen_logits(classifier, images)
+                self.tokens.capturing = False
+                patches, self.tokens.tokens = self.tokens.patches(len(images)).detach(), None
+                cut = self.cutout_views(classifier, images, labels, patches, draws)
                 frozen_cut = self.frozen_logits(classifier, cut)
             else:  # one frozen pass over both views
-                cut = self.cutout_views(classifier, images, labels, None)
+                cut = self.cutout_views(classifier, images, labels, None, draws)
                 frozen, frozen_cut = self.frozen_logits(classifier, torch.cat([images, cut])).chunk(2)
             logits_all = classifier(torch.cat([images, cut]))  # one adapted pass over both views
             logits, logits_cut = logits_all.float().chunk(2)
@@ -186,7 +203,13 @@ class OrthCRObjective:
 class CrossEntropyObjective:
     """What LoRA, AOFT, TaskRes and full fine-tuning optimize."""
 
+    def draws(self, images: torch.Tensor) -> None:
+        return None
+
     def __call__(self, classifier, images, labels):
+        return self.loss(classifier, images, labels, None)
+
+    def loss(self, classifier, images, labels, draws):
         logits = classifier(images).float()
         loss = F.cross_entropy(logits, labels)
         return loss, logits, {"ce": loss}

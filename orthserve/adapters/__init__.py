@@ -5,7 +5,8 @@ Injection, folding, the bypass and adapter-only checkpoints live in one place,
 """
 from .base import AdapterConfig, WeightAdapter
 from .lowrank import AOFT, ATTENTION_TARGETS, LoRA, AOFTConfig, LoRAConfig
-from .orthogonal import FFN_TARGETS, BlockRotation, OrthogonalConfig, cayley
+from .cayley import cayley, orthogonality_error
+from .orthogonal import FFN_TARGETS, BlockRotation, OrthogonalConfig, batched_rotation_blocks
 from .taskres import TaskResConfig, TaskResidual
 
 METHODS: dict[str, type[AdapterConfig]] = {
@@ -27,5 +28,6 @@ def config_from_dict(data: dict) -> AdapterConfig:
 __all__ = [
     "AdapterConfig", "WeightAdapter", "BlockRotation", "LoRA", "AOFT", "TaskResidual",
     "OrthogonalConfig", "LoRAConfig", "AOFTConfig", "TaskResConfig",
-    "FFN_TARGETS", "ATTENTION_TARGETS", "METHODS", "config_from_dict", "cayley",
+    "FFN_TARGETS", "ATTENTION_TARGETS", "METHODS", "config_from_dict", "cayley", "orthogonality_error",
+    "batched_rotation_blocks",
 ]
