@@ -6,7 +6,7 @@ ARTIFACT ?= artifacts/default
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: serve test install install-test artifact clean
+.PHONY: serve test install install-test artifact clean gpu-wheels gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ artifact: install
 
 serve: artifact
 	ORTHSERVE_MODEL=$(ARTIFACT) $(VENV)/bin/bentoml serve service.service:Classifier --port $${PORT:-3000}
+
+# The packages a bare GPU machine lacks, as wheels for bench/gpu_check.sh to install offline.
+gpu-wheels: install
+	$(PY) -m pip download -q --no-deps -d .whl open_clip_torch ftfy wcwidth
+
+gpu-check:
+	PYTHON=$${PYTHON:-python3} bash bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) artifacts

@@ -11,6 +11,8 @@ figure the median over rounds:
   torch-fp16-compiled  torch.compile of torch-fp16 (``--no-compile`` skips it)
   ort-cuda-fp16        the export's image.fp16.onnx on onnxruntime's CUDA provider, device tensors bound in place
   ort-tensorrt-fp16    the same on the TensorRT provider
+  service-runtime      the service's own runtime (service.runtime.ImageModel, as /classify calls it: host numpy
+                       pixels in, numpy embeddings out, provider and variant chosen as the service chooses them)
 The onnxruntime paths run only where this machine's onnxruntime has the provider; otherwise the report says
 which providers it has.  Roofline: torch's fp16 n x n matrix multiply on the same device; images/s at that rate
 from the image tower's FLOPs (bench/inference.py ``image_gflop``: ViT-B-32 8.8 GFLOP per 224 px image).
@@ -74,6 +76,23 @@ def ort_path(onnx_path: Path, provider: str, device: torch.device, embed_dim: in
         binding.bind_output(out_name, "cuda", device.index or 0, np.float32, tuple(out.shape), out.data_ptr())
         session.run_with_iobinding(binding)
         return out
+    return run
+
+
+def service_path(artifact: Path, device: torch.device):
+    """``service.runtime.ImageModel`` on the artifact: the served path, host pixels in and out.
+
+    The host copy of each batch is made once, outside the timing: the service receives host pixels."""
+    from service.runtime import ImageModel, open_artifact
+
+    model = ImageModel(open_artifact(str(artifact)))
+    host: dict[int, np.ndarray] = {}
+
+    def run(pixels: torch.Tensor) -> torch.Tensor:
+        if len(pixels) not in host:
+            host[len(pixels)] = pixels.cpu().numpy()
+        return torch.from_numpy(model.encode(host[len(pixels)])).to(device)
+    run.variant = f"{model.encoder.variant} on {model.encoder.providers}"  # type: ignore[attr-defined]
     return run
 
 
@@ -142,6 +161,11 @@ def bench(args, device: torch.device, workdir: Path) -> dict:
             runners[path] = ort_path(workdir / "artifact" / "image.fp16.onnx", ORT_PROVIDERS[path], device, embed_dim)
         except Exception as err:  # noqa: BLE001 - a provider that fails to load is recorded, not fatal
             skipped[path] = f"{type(err).__name__}: {err}"[:300]
+    if "ort-cuda-fp16" in runners:
+        try:
+            runners["service-runtime"] = service_path(workdir / "artifact", device)
+        except Exception as err:  # noqa: BLE001 - recorded, not fatal
+            skipped["service-runtime"] = f"{type(err).__name__}: {err}"[:300]
     pixels_np, pixels_from = load_pixels(args.photos, spec, max(args.batches))
     pixels = torch.from_numpy(pixels_np).to(device)
 

@@ -3,6 +3,8 @@
     python bench/train_step.py                      # ViT-B-16, random weights, batch 32, 224 px, CPU (+ GPU if any)
     python bench/train_step.py --methods lora orthcr --steps 3 --warmup 2
     python bench/train_step.py --interleave lora orthcr-ce --interleave lora-orthcr orthcr   # ratios, side by side
+    python bench/train_step.py --interleave orthcr-ce@4896f2c orthcr-ce lora --flops   # against the code before
+    python bench/train_step.py --devices cuda --interleave lora orthcr-ce lora:compiled orthcr-ce:compiled --flops
 
 Each (method, device) runs in its own process so peak memory is that method's alone
 (CPU: peak resident set size of the process, including the model; GPU: peak
@@ -13,6 +15,20 @@ orthogonal adapter trained with plain cross-entropy, to separate the adapter's c
 from the OrthCR objective's (which adapts two views per image and runs the frozen
 model on both); ``lora-orthcr`` is LoRA under that same objective.  Ratios compare each
 method with LoRA under the same objective.
+
+Variants: ``METHOD:compiled`` runs the step's forward and loss through ``torch.compile`` (as ``--compile``
+does); ``orthcr-ce@4896f2c`` / ``orthcr@4896f2c`` rebuild the orthogonal adapter's arithmetic as it was before
+the batched Cayley transform (one ``torch.linalg.solve`` per layer, per-step hooks, a host read of the loss
+each step), so that the change can be timed side by side in one process.
+
+``--flops`` adds the model FLOPs of a step and the fraction of the device's dense matmul rate it reaches:
+
+    fraction = FLOPs of one step / median step seconds / matmul rate
+
+FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` over one real step (forward and backward of
+every pass the objective runs, frozen passes and Cayley transforms included: matmuls, convolutions and
+attention, i.e. the work the step really does, not 6 x parameters x tokens); the matmul rate is torch's
+n x n matmul on the same device in the step's precision (bf16 on a GPU, fp32 on a CPU), best of a few.
 """
 from __future__ import annotations
 
@@ -33,16 +49,62 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 METHODS = ("taskres", "lora", "lora-orthcr", "aoft", "orthcr-ce", "orthcr", "orthcr+taskres", "full")
 # (CLI method, objective) where the benchmark's name says more than the method
 VARIANTS = {"orthcr-ce": ("orthcr", "ce"), "lora-orthcr": ("lora", "orthcr")}
+BEFORE = "@4896f2c"  # the orthogonal adapter as it was before the batched Cayley transform
 
 
 def method_and_objective(method: str) -> tuple[str, str]:
+    method = method.removesuffix(":compiled").removesuffix(BEFORE)
     return VARIANTS.get(method, (method, "orthcr" if method.startswith("orthcr") else "ce"))
 
 
-def build_step(method: str, args):
-    """``(step, trainable parameter count, image size)``: ``step()`` runs one real training step, returns seconds."""
+def variant(text: str) -> str:
+    """argparse type: a method, optionally ``:compiled``, or an orthcr method ``@4896f2c``."""
+    base = text.removesuffix(":compiled")
+    if base.endswith(BEFORE) and base.removesuffix(BEFORE) in ("orthcr", "orthcr-ce"):
+        return text
+    if base not in METHODS:
+        raise argparse.ArgumentTypeError(f"unknown method {text!r}: one of {', '.join(METHODS)}, with ':compiled' "
+                                         f"or (orthcr, orthcr-ce) '{BEFORE}'")
+    return text
+
+
+def rotation_as_before(rotation):
+    """Give one BlockRotation the arithmetic of commit 4896f2c: a linalg.solve per layer, forward and backward."""
     import torch
 
+    def skew_q():
+        return rotation.skew_generator()
+
+    def rotation_blocks():
+        with torch.autocast(rotation.generator.device.type, enabled=False):
+            q = skew_q()
+            eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
+            return torch.linalg.solve(eye - q, eye + q)
+
+    def adapt(weight):
+        out_features, in_features = weight.shape
+        n, b, _ = rotation.generator.shape
+        per_block = weight.reshape(out_features, n, b)
+        with torch.autocast(weight.device.type, enabled=False):
+            q = skew_q()
+            eye = torch.eye(b, dtype=q.dtype, device=q.device).expand_as(q)
+            solved = torch.linalg.solve(eye + q, per_block.float().permute(1, 2, 0))
+            rotated = 2 * solved.permute(2, 0, 1) - per_block.float()
+        return rotated.reshape(out_features, in_features).to(weight.dtype)
+
+    rotation.rotation_blocks, rotation.adapt = rotation_blocks, adapt
+
+
+def build_step(method: str, args):
+    """``(step, trainable parameter count, image size)``: ``step()`` runs one real training step, returns seconds.
+
+    The step runs as the training loop runs it: inside ``orthserve.fast_rotations`` (entered once, here)."""
+    import contextlib
+
+    import torch
+
+    import orthserve
+    from orthserve.adapters import BlockRotation
     from training import finetune
     from training.objective import CrossEntropyObjective, OrthCRConfig, OrthCRObjective
 
@@ -54,9 +116,21 @@ def build_step(method: str, args):
     classifier, _, _ = finetune.build_classifier(options, classes, device)
     params = finetune.trainable_parameters(classifier)
     autocast, fp16 = finetune.autocast_for(device, "auto")
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device=device).manual_seed(0)
     objective = (OrthCRObjective(classifier, OrthCRConfig(cutout=args.cutout), generator)
                  if objective_name == "orthcr" else CrossEntropyObjective())
+    before = BEFORE in method
+    if method.endswith(":compiled"):
+        objective = finetune.compile_objective(objective)
+    if before:
+        for module in classifier.modules():
+            if isinstance(module, BlockRotation):
+                rotation_as_before(module)
+        context = contextlib.nullcontext()
+    else:
+        context = orthserve.fast_rotations(classifier)
+    stack = contextlib.ExitStack()
+    stack.enter_context(context)
     optimizer = finetune.make_optimizer([{"params": list(params.values()), "lr": options.lr}], options.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cuda", enabled=fp16)
@@ -64,16 +138,55 @@ def build_step(method: str, args):
     images = torch.randn(args.batch_size, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
     labels = torch.randint(0, len(classes), (args.batch_size,), generator=torch.Generator().manual_seed(2)).to(device)
 
+    def one_step():
+        if before:  # as the loop was: hooks registered each step, the loss read each step
+            with orthserve.rotate_inputs(classifier):
+                loss, correct, parts = finetune.train_step(classifier, objective, optimizer, scheduler, scaler,
+                                                           images, labels, autocast, 1.0)
+            return float(loss), int(correct), {k: float(v) for k, v in parts.items()}
+        return finetune.train_step(classifier, objective, optimizer, scheduler, scaler, images, labels, autocast, 1.0)
+
     def step() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        finetune.train_step(classifier, objective, optimizer, scheduler, scaler, images, labels, autocast, 1.0)
+        one_step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
+    step.count_flops = lambda: count_flops(one_step)  # type: ignore[attr-defined]
+    step.keep = stack  # type: ignore[attr-defined]  # the hooks live as long as the step
     return step, sum(p.numel() for p in params.values()), size
+
+
+def count_flops(one_step) -> float:
+    """FLOPs of one real step (forward, backward, every pass), as FlopCounterMode counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        one_step()
+    return float(counter.get_total_flops())
+
+
+def matmul_rate(device: str, dtype_name: str, n: int) -> float:
+    """Best FLOP/s of an n x n matmul on the device (a few repeats after a warm-up)."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(6):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(4 if device.startswith("cuda") else 1):
+            a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - start) / (4 if device.startswith("cuda") else 1))
+    return 2 * n ** 3 / best
 
 
 def measure(method: str, args) -> dict:
@@ -109,8 +222,16 @@ def interleaved(methods: list[str], rounds: int, args) -> dict:
             times[m].append(steps[m]())
         print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{m} {times[m][-1]:.2f} s" for m in methods), flush=True)
     median = {m: sorted(t)[len(t) // 2] for m, t in times.items()}
-    return {"methods": methods, "rounds": rounds, "step_s_all": times, "step_s_median": median,
-            "ratio_to_first": {m: median[m] / median[methods[0]] for m in methods}}
+    result = {"methods": methods, "rounds": rounds, "step_s_all": times, "step_s_median": median,
+              "ratio_to_first": {m: median[m] / median[methods[0]] for m in methods}}
+    if args.flops:
+        dtype = "bf16" if args.device.startswith("cuda") else "fp32"
+        rate = matmul_rate(args.device, dtype, 8192 if args.device.startswith("cuda") else 2048)
+        flops = {m: steps[m].count_flops() for m in methods}
+        result["flops"] = {"matmul_rate_flops": rate, "matmul_dtype": dtype, "per_step": flops,
+                           "achieved_flops": {m: flops[m] / median[m] for m in methods},
+                           "fraction_of_matmul_rate": {m: flops[m] / median[m] / rate for m in methods}}
+    return result
 
 
 def markdown(report: dict) -> str:
@@ -138,10 +259,17 @@ def markdown(report: dict) -> str:
                   f"{run['rounds']} rounds", "",
                   "Built together, one step of each per round (order reversed every other round), after one warm-up "
                   "step each; this is the ratio to trust on a shared machine.", "",
-                  f"| method | s / step (median) | x {first} | every step (s) |", "|---|---:|---:|---|"]
+                  f"| method | s / step (median) | x {first} | every step (s) |" + (
+                      " GFLOP / step | fraction of matmul rate |" if "flops" in run else ""),
+                  "|---|---:|---:|---|" + ("---:|---:|" if "flops" in run else "")]
         for m in run["methods"]:
+            flops = (f" {run['flops']['per_step'][m] / 1e9:,.1f} | {run['flops']['fraction_of_matmul_rate'][m]:.1%} |"
+                     if "flops" in run else "")
             lines.append(f"| {m} | {run['step_s_median'][m]:.3f} | {run['ratio_to_first'][m]:.2f} | "
-                         f"{', '.join(f'{t:.1f}' for t in run['step_s_all'][m])} |")
+                         f"{', '.join(f'{t:.3f}' for t in run['step_s_all'][m])} |" + flops)
+        if "flops" in run:
+            lines += ["", f"Matmul rate: {run['flops']['matmul_rate_flops'] / 1e12:.2f} TFLOP/s "
+                      f"({run['flops']['matmul_dtype']}); fraction = FLOPs per step / median step seconds / matmul rate."]
         lines.append("")
     return "\n".join(lines)
 
@@ -151,14 +279,16 @@ def main() -> None:
     p.add_argument("--model", default="ViT-B-16")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--classes", type=int, default=10, help="class names in the classifier (text tower batch)")
-    p.add_argument("--methods", nargs="+", default=None, choices=METHODS,
+    p.add_argument("--methods", nargs="+", default=None, type=variant,
                    help="each in its own process (default: all, or none when only --interleave is given)")
     p.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--cutout", default="random", choices=("random", "attentive", "none"))
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "train_step"), help="writes OUT.json and OUT.md")
-    p.add_argument("--interleave", nargs="+", action="append", metavar="METHOD", choices=METHODS, default=None,
+    p.add_argument("--flops", action="store_true", help="with --interleave: FLOPs per step and the fraction of the "
+                   "device's matmul rate")
+    p.add_argument("--interleave", nargs="+", action="append", metavar="METHOD", type=variant, default=None,
                    help="also time these methods side by side in one process (repeatable), e.g. "
                         "--interleave lora orthcr-ce --interleave lora-orthcr orthcr")
     p.add_argument("--rounds", type=int, default=5, help="rounds of --interleave")

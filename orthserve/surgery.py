@@ -141,7 +141,9 @@ def batched_rotations(*targets: nn.Module) -> Iterator[int]:
     Per layer, a step would run one small transform per adapted weight (48 on ViT-B-16, each many tiny
     GPU kernels); batched, the count no longer grows with the layers. A forward pre-hook on each target
     fills the adapters' ``precomputed`` blocks and a forward hook (also on error) clears them, so nothing
-    stale outlives the pass. Only calls of ``target`` itself are batched. Yields the adapters covered.
+    stale outlives the pass. Only calls of ``target`` itself are batched. On the CPU's LU kernel, adapters
+    applied to the weight solve with it directly instead (``BlockRotation.solves_weight``). Yields the
+    adapters covered.
     """
     handles = []
     covered = 0
@@ -152,7 +154,7 @@ def batched_rotations(*targets: nn.Module) -> Iterator[int]:
             continue
 
         def fill(_module, _args, rotations=rotations) -> None:
-            active = [r for r in rotations if r.enabled]
+            active = [r for r in rotations if r.enabled and not r.solves_weight()]
             for rotation, blocks in zip(active, batched_rotation_blocks(active)):
                 rotation.precomputed = blocks
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -136,16 +137,53 @@ def test_train_step_smoke(tmp_path):
     out = tmp_path / "train_step"
     done = subprocess.run([sys.executable, "bench/train_step.py", "--model", "orthserve-tiny", "--batch-size", "4",
                            "--devices", "cpu", "--methods", "lora", "orthcr-ce", "--warmup", "1", "--steps", "1",
-                           "--interleave", "lora", "orthcr-ce", "--rounds", "2", "--out", str(out)],
+                           "--interleave", "lora", "orthcr-ce", "orthcr-ce@4896f2c", "--rounds", "2", "--flops",
+                           "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.with_suffix(".json").read_text())
     assert [r["method"] for r in report["results"]["cpu"]] == ["lora", "orthcr-ce"]
     assert all(r["step_s_median"] > 0 and r["peak_memory_mib"] > 0 for r in report["results"]["cpu"])
     (side,) = report["interleaved"]
-    assert side["methods"] == ["lora", "orthcr-ce"] and len(side["step_s_all"]["orthcr-ce"]) == 2
+    assert side["methods"] == ["lora", "orthcr-ce", "orthcr-ce@4896f2c"] and len(side["step_s_all"]["orthcr-ce"]) == 2
     assert side["ratio_to_first"]["lora"] == 1.0 and side["ratio_to_first"]["orthcr-ce"] > 0
+    # FLOPs of a real step: the orthogonal adapter does more work than LoRA, the old code as much as the new
+    flops = side["flops"]["per_step"]
+    assert flops["orthcr-ce"] > flops["lora"] > 0 and 0 < side["flops"]["fraction_of_matmul_rate"]["lora"] < 1
     assert "Side by side" in out.with_suffix(".md").read_text()
+
+
+def test_cayley_candidates_smoke(tmp_path):
+    """bench/cayley.py --smoke: every candidate timed and checked; the exact ones agree with a solve."""
+    import cayley
+
+    report = cayley.main(["--smoke", "--devices", "cpu", "--out", str(tmp_path)])
+    rows = report["runs"][0]["candidates"]
+    assert set(rows) == set(cayley.CANDIDATES)
+    for name, row in rows.items():
+        assert row["median_s"] > 0 and row["cpu_ops"] > 0
+        if name != "neumann-5":
+            assert row["orthogonality_error"] < 1e-5 and row["max_diff_from_solve"] < 1e-5, name
+    assert rows["neumann-5"]["orthogonality_error"] > 1e-3  # at |Q|_2 = 1 the truncated series is far off
+    assert (tmp_path / "cayley_smoke.md").is_file()
+
+
+@requires_data
+def test_gpu_check_smoke(tmp_path):
+    """bash bench/gpu_check.sh --smoke on the CPU: every section runs at toy scale and the report is written."""
+    done = subprocess.run(["bash", "bench/gpu_check.sh", "--smoke", "--no-compile", "--out", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check_smoke.json").read_text())
+    assert report["smoke"] and report["environment"]["device"] == "cpu"
+    statuses = {name: section["status"] for name, section in report["sections"].items()}
+    assert statuses == dict.fromkeys(["cayley", "steps", "training", "export", "inference"], "ok"), report["sections"]
+    steps = report["sections"]["steps"]["runs"]
+    assert [run["methods"] for run in steps][0] == ["lora", "orthcr-ce", "orthcr-ce@4896f2c"]
+    assert report["sections"]["training"]["runs"]["orthcr"]["orthogonality_error"] < 1e-5
+    assert report["sections"]["export"]["parity"]
+    text = (tmp_path / "gpu_check_smoke.md").read_text()
+    assert "Smoke scale" in text and "fraction of matmul rate" in text
 
 
 def test_inference_ratios_are_paired_per_round():

@@ -118,8 +118,11 @@ def tiny_classifier(targets: tuple[str, ...]) -> orthserve.CLIPClassifier:
     return classifier
 
 
-def test_batched_rotations_compute_the_same_logits_and_gradients():
+@pytest.mark.parametrize("kernel", ["auto", "newton"])
+def test_batched_rotations_compute_the_same_logits_and_gradients(kernel):
+    """Per layer and batched alike; ``newton``: as on a GPU, every layer's R from the batched transform."""
     classifier = tiny_classifier(orthserve.OrthogonalConfig().targets)
+    set_cayley_kernel(classifier, kernel)
     images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     results = []
     for context in (nullcontext, lambda: orthserve.fast_rotations(classifier)):
@@ -134,6 +137,9 @@ def test_batched_rotations_compute_the_same_logits_and_gradients():
 
 
 def cayley_calls(classifier: orthserve.CLIPClassifier) -> int:
+    """Cayley transforms in one forward and backward, with the GPU's kernel (on the CPU's, the weight-side
+    layers solve with their weight per layer instead: cheaper there, and a CPU launches nothing)."""
+    set_cayley_kernel(classifier, "newton")
     images = torch.randn(2, 3, 64, 64)
     with orthserve.fast_rotations(classifier), torch.profiler.profile() as prof:
         classifier(images).sum().backward()

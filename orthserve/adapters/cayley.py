@@ -44,12 +44,13 @@ def newton_inverse(q: torch.Tensor, low_iterations: int = 10, fp32_iterations: i
     low = low_dtype or q.dtype
     eye = _eye_like(q)
     m = eye - q
-    # B = tr(P^8)^(1/8) with P = Q^T Q, from P scaled by |Q|_F^2 >= |P|_2 so that P^4 cannot overflow
-    scale = torch.linalg.matrix_norm(q, keepdim=True).square() + 1e-30
-    p = (-(q @ q) / scale).to(low)
+    # B = tr(P^8)^(1/8), P = Q^T Q, computed on Q / |Q|_F (so that no power overflows) in the low precision
+    norm = torch.linalg.matrix_norm(q, keepdim=True) + 1e-30
+    scaled = (q / norm).to(low)
+    p = -(scaled @ scaled)
     p2 = p @ p
     p4 = p2 @ p2
-    bound = scale * torch.linalg.matrix_norm(p4.float(), keepdim=True).pow(0.25)   # >= sigma_max(Q)^2
+    bound = norm.square() * torch.linalg.matrix_norm(p4.float(), keepdim=True).pow(0.25)   # >= sigma_max(Q)^2
     bound = 1.05 * bound + 1e-6                            # low-precision rounding margin
     x = (2 / (2 + bound)) * (eye + q)                      # alpha M^T
     ml, two = m.to(low), 2 * eye.to(low)
@@ -62,10 +63,16 @@ def newton_inverse(q: torch.Tensor, low_iterations: int = 10, fp32_iterations: i
     return x
 
 
+def resolve_kernel(kernel: Kernel, device: torch.device) -> str:
+    """``auto``: Newton-Schulz on a GPU (matrix multiplies), LU elsewhere (LAPACK)."""
+    if kernel == "auto":
+        return "newton" if device.type == "cuda" else "lu"
+    return kernel
+
+
 def cayley_inverse(q: torch.Tensor, kernel: Kernel = "auto") -> torch.Tensor:
     """``(I - Q)^-1`` for fp32 skew-symmetric ``q``, with the kernel that suits ``q``'s device."""
-    if kernel == "auto":
-        kernel = "newton" if q.device.type == "cuda" else "lu"
+    kernel = resolve_kernel(kernel, q.device)
     if kernel == "lu":
         return torch.linalg.inv_ex(_eye_like(q) - q)[0]
     if kernel == "newton":
