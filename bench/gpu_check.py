@@ -10,6 +10,8 @@ the time budget is skipped and says so):
   steps          bench/train_step.py side by side: LoRA and the orthogonal adapter, cross-entropy, batch 32 and 128,
                  eager and compiled, the code before the batched transform (``@4896f2c``), FLOPs and the fraction
                  of the bf16 matmul rate; then LoRA and OrthCR under the OrthCR objective
+  data           the training loader alone (decode, augment, collate, pinned) at 224 px: images/s with the CLI's
+                 default workers, to set beside the steps' images/s (is the GPU fed?)
   training       ``python -m training.finetune`` for every method on the device (orthserve-tiny, --data), one
                  OrthCR run with ``--compile``; the orthogonality error each run ends with
   export         ``python -m export`` of the device-trained OrthCR run; its parity report
@@ -103,7 +105,10 @@ def cayley_section(device: str, smoke: bool, out: Path) -> dict:
 
 
 def steps_section(device: str, smoke: bool, compiled: bool) -> dict:
-    """Side-by-side step times; each group built, timed and freed before the next (GPU memory)."""
+    """Side-by-side step times; each group built, timed and freed before the next (GPU memory).
+
+    ``compiled``: only the ``:compiled`` variants beside their eager twins (this section runs last: compiling
+    ViT-B-16 takes the longest, and the other sections should not wait for it)."""
     import gc
 
     import torch
@@ -111,13 +116,11 @@ def steps_section(device: str, smoke: bool, compiled: bool) -> dict:
     import train_step
 
     model, batches, rounds = ("orthserve-tiny", [4], 2) if smoke else ("ViT-B-16", [32, 128], 5)
-    groups = []
-    for batch in batches:
-        methods = ["lora", "orthcr-ce", "orthcr-ce@4896f2c"] if batch == batches[0] else ["lora", "orthcr-ce"]
-        if compiled:
-            methods += ["lora:compiled", "orthcr-ce:compiled"]
-        groups.append((batch, methods))
-    groups.append((batches[0], ["lora-orthcr", "orthcr"]))
+    if compiled:
+        groups = [(batch, ["lora", "orthcr-ce", "lora:compiled", "orthcr-ce:compiled"]) for batch in batches]
+    else:
+        groups = [(batches[0], ["lora", "orthcr-ce", "orthcr-ce@4896f2c"]), *((b, ["lora", "orthcr-ce"]) for b in batches[1:]),
+                  (batches[0], ["lora-orthcr", "orthcr", "orthcr@4896f2c"])]
     runs = []
     for batch, methods in groups:
         args = argparse.Namespace(model=model, batch_size=batch, classes=10, cutout="random", device=device, flops=True)
@@ -129,6 +132,35 @@ def steps_section(device: str, smoke: bool, compiled: bool) -> dict:
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     return {"model": model, "runs": runs}
+
+
+def data_section(data: Path, smoke: bool, device: str) -> dict:
+    """Images/s of the training DataLoader as the CLI builds it (ViT-B-16's 224 px preprocessing), no model."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from orthserve.preprocess import PreprocessSpec
+    from training.data import EpochSampler, TrainImages, load_labelled
+    from training.finetune import default_workers
+
+    dataset = load_labelled(str(data), None, "all")
+    clip = PreprocessSpec(image_size=224, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
+    images = TrainImages(dataset, clip, seed=0)
+    results = {}
+    for workers in sorted({0, default_workers()}):
+        sampler = EpochSampler(len(images), 0)
+        loader = DataLoader(images, batch_size=32, sampler=sampler, num_workers=workers, pin_memory=device != "cpu",
+                            persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+        for _ in loader:  # first epoch: worker start-up, not timed
+            break
+        seen, start = 0, time.perf_counter()
+        for epoch in range(1 if smoke else 2):
+            sampler.set_epoch(epoch + 1)
+            for batch, _ in loader:
+                seen += len(batch)
+        results[str(workers)] = {"images": seen, "images_per_s": round(seen / (time.perf_counter() - start), 1)}
+        del loader
+    return {"dataset": str(data), "image_size": 224, "default_workers": default_workers(), "by_workers": results}
 
 
 def cli(args: list[str], log: list[str], timeout: float) -> subprocess.CompletedProcess:
@@ -143,21 +175,36 @@ def cli(args: list[str], log: list[str], timeout: float) -> subprocess.Completed
 
 
 def training_section(device: str, data: Path, runs: Path, log: list[str], smoke: bool, compiled: bool) -> dict:
-    """Every method (smoke: LoRA and OrthCR, the plumbing), plus OrthCR with ``--compile`` unless --no-compile."""
+    """``training.finetune.main`` for every method (smoke: LoRA and OrthCR, the plumbing), in this process (a
+    process each would spend most of the time starting), plus OrthCR with ``--compile`` unless --no-compile."""
+    import logging
+
+    from training import finetune
+
     if not data.is_dir():
         raise FileNotFoundError(f"no training data at {data}: pass --data (an ImageFolder, e.g. flowers5)")
-    common = ["-m", "training.finetune", "--model", "orthserve-tiny", "--pretrained", "none", "--data", str(data),
-              "--shots", "4", "--epochs", "2", "--device", device, "--progress", "off", "--overwrite"]
-    results = {}
+    common = ["--model", "orthserve-tiny", "--pretrained", "none", "--data", str(data), "--shots", "4",
+              "--epochs", "2", "--device", device, "--progress", "off", "--overwrite", "--workers", "2"]
     methods = ["lora", "orthcr"] if smoke else list(TRAIN_METHODS)
+    results = {}
     for method in methods + (["orthcr:compiled"] if compiled else []):
         name = method.replace("+", "_").replace(":", "_")
         extra = ["--compile"] if method.endswith(":compiled") else []
-        cli([*common, "--method", method.removesuffix(":compiled"), "--out", str(runs / name), *extra], log, 600)
-        metrics = json.loads((runs / name / "metrics.json").read_text())
+        started = time.time()
+        try:
+            metrics = finetune.main([*common, "--method", method.removesuffix(":compiled"), "--out", str(runs / name), *extra])
+        except Exception as err:  # noqa: BLE001 - one method failing is a result, the others still run
+            results[method] = {"error": f"{type(err).__name__}: {err}"[:500]}
+            logging.getLogger("gpu_check").exception("finetune %s failed", method)
+            continue
         last = (metrics["epochs"] or [{}])[-1]
         results[method] = {"test_top1": metrics.get("test", {}).get("top1"), "train_loss": last.get("train_loss"),
-                           "orthogonality_error": last.get("orthogonality_error")}
+                           "orthogonality_error": last.get("orthogonality_error"),
+                           "seconds": round(time.time() - started, 1)}
+        log.append(f"finetune {method}: {results[method]}")
+    failed = [m for m, r in results.items() if "error" in r]
+    if failed:
+        raise RuntimeError(f"finetune failed for {', '.join(failed)}: {[results[m]['error'] for m in failed]}")
     return {"runs": results}
 
 
@@ -188,14 +235,19 @@ def markdown(report: dict) -> str:
         note = sec.get("why") or sec.get("error", "")
         lines.append(f"| {name} | {sec['status']} | {sec.get('seconds', '-')} | {note[:200]} |")
     lines.append("")
-    steps = sections.get("steps", {})
-    if steps.get("status") == "ok":
-        lines += [f"## Training steps ({steps['model']}, side by side in one process)", "",
+    for key in ("steps", "steps_compiled"):
+        steps = sections.get(key, {})
+        if steps.get("status") != "ok":
+            continue
+        lines += [f"## Training steps{', compiled' if key == 'steps_compiled' else ''} ({steps['model']}, side by "
+                  "side in one process, groups separated by a rule)", "",
                   "fraction = FLOPs per step (FlopCounterMode, one real step) / median step seconds / matmul rate "
                   "(bf16 on a GPU, fp32 on a CPU).", "",
-                  "| batch | method | s / step | x first | GFLOP / step | fraction of matmul rate |",
+                  "| batch | method | s / step | x first of its group | GFLOP / step | fraction of matmul rate |",
                   "|---:|---|---:|---:|---:|---:|"]
-        for run in steps["runs"]:
+        for i, run in enumerate(steps["runs"]):
+            if i:
+                lines.append("| | | | | | |")
             for m in run["methods"]:
                 lines.append(f"| {run['batch_size']} | {m} | {run['step_s_median'][m]:.4f} | {run['ratio_to_first'][m]:.2f} | "
                              f"{run['flops']['per_step'][m] / 1e9:,.1f} | {run['flops']['fraction_of_matmul_rate'][m]:.1%} |")
@@ -203,6 +255,13 @@ def markdown(report: dict) -> str:
     cay = sections.get("cayley", {})
     if cay.get("status") == "ok":
         lines += [cay["markdown"].replace("# Exact", "## Exact"), ""]
+    data = sections.get("data", {})
+    if data.get("status") == "ok":
+        lines += [f"## Data loading ({data['dataset']}, {data['image_size']} px, decode + augment + collate)", "",
+                  "| workers | images / s |", "|---:|---:|"]
+        lines += [f"| {w} | {row['images_per_s']:,.0f} |" for w, row in data["by_workers"].items()]
+        lines += ["", f"The CLI's default here: {data['default_workers']} workers. Compare with the steps' images/s "
+                  "(batch / s per step) above.", ""]
     training = sections.get("training", {})
     if training.get("status") == "ok":
         lines += ["## Training CLI on the device (orthserve-tiny, 4 shots, 2 epochs)", "",
@@ -231,7 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="ImageFolder for the training CLI runs (default ../shared/data/flowers5)")
     p.add_argument("--budget", type=float, default=None, help="seconds in all (default 450; --smoke 600)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled step variants")
-    p.add_argument("--sections", nargs="+", default=["cayley", "steps", "training", "export", "inference"])
+    p.add_argument("--sections", nargs="+",
+                   default=["cayley", "steps", "data", "training", "export", "inference", "steps_compiled"])
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="writes gpu_check.{json,md} here")
     args = p.parse_args(argv)
 
@@ -250,11 +310,15 @@ def main(argv: list[str] | None = None) -> dict:
         work = Path(tmp)
         # rough costs on an H200 (start-up and compiles included), used only to skip what cannot fit
         plan = {"cayley": (lambda: cayley_section(device, args.smoke, work / "cayley"), 30),
-                "steps": (lambda: steps_section(device, args.smoke, args.compile), 150 if args.compile else 60),
+                "steps": (lambda: steps_section(device, args.smoke, compiled=False), 60),
+                "steps_compiled": (lambda: steps_section(device, args.smoke, compiled=True), 240),
+                "data": (lambda: data_section(args.data, args.smoke, device), 20),
                 "training": (lambda: training_section(device, args.data, work / "runs", log, args.smoke, args.compile), 90),
                 "export": (lambda: export_section(work / "runs", work, log), 40),
                 "inference": (lambda: inference_section(args.smoke, device, work / "inference", log), 60)}
         for name in args.sections:
+            if name == "steps_compiled" and not args.compile:
+                continue
             body, needs = plan[name]
             if name == "export" and check.sections.get("training", {}).get("status") != "ok":
                 check.sections[name] = {"status": "skipped", "why": "no device-trained run (training section)"}

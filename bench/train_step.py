@@ -227,7 +227,10 @@ def interleaved(methods: list[str], rounds: int, args) -> dict:
     if args.flops:
         dtype = "bf16" if args.device.startswith("cuda") else "fp32"
         rate = matmul_rate(args.device, dtype, 8192 if args.device.startswith("cuda") else 2048)
-        flops = {m: steps[m].count_flops() for m in methods}
+        # a compiled step runs inductor kernels that FlopCounterMode does not see: its eager twin's count
+        flops = {m: steps[m].count_flops() for m in methods if not m.endswith(":compiled")}
+        flops.update({m: flops.get(m.removesuffix(":compiled")) or steps[m].count_flops()
+                      for m in methods if m.endswith(":compiled")})
         result["flops"] = {"matmul_rate_flops": rate, "matmul_dtype": dtype, "per_step": flops,
                            "achieved_flops": {m: flops[m] / median[m] for m in methods},
                            "fraction_of_matmul_rate": {m: flops[m] / median[m] / rate for m in methods}}

@@ -177,7 +177,8 @@ def test_gpu_check_smoke(tmp_path):
     report = json.loads((tmp_path / "gpu_check_smoke.json").read_text())
     assert report["smoke"] and report["environment"]["device"] == "cpu"
     statuses = {name: section["status"] for name, section in report["sections"].items()}
-    assert statuses == dict.fromkeys(["cayley", "steps", "training", "export", "inference"], "ok"), report["sections"]
+    assert statuses == dict.fromkeys(["cayley", "steps", "data", "training", "export", "inference"], "ok"), report["sections"]
+    assert report["sections"]["data"]["by_workers"]["0"]["images_per_s"] > 0
     steps = report["sections"]["steps"]["runs"]
     assert [run["methods"] for run in steps][0] == ["lora", "orthcr-ce", "orthcr-ce@4896f2c"]
     assert report["sections"]["training"]["runs"]["orthcr"]["orthogonality_error"] < 1e-5
