@@ -6,7 +6,7 @@ ARTIFACT ?= artifacts/default
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: serve test install install-test artifact clean gpu-wheels gpu-check
+.PHONY: serve test install install-test artifact clean gpu-wheels gpu-data gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ serve: artifact
 # The packages a bare GPU machine lacks, as wheels for bench/gpu_check.sh to install offline.
 gpu-wheels: install
 	$(PY) -m pip download -q --no-deps -d .whl open_clip_torch ftfy wcwidth
+
+# flowers5 copied into an ignored folder, for `run --carry .gpu_data` (../shared does not travel).
+gpu-data:
+	mkdir -p .gpu_data && cp -r ../shared/data/flowers5 .gpu_data/
 
 gpu-check:
 	PYTHON=$${PYTHON:-python3} bash bench/gpu_check.sh

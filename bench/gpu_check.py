@@ -208,17 +208,17 @@ def training_section(device: str, data: Path, runs: Path, log: list[str], smoke:
     return {"runs": results}
 
 
-def export_section(runs: Path, out_dir: Path, log: list[str]) -> dict:
+def export_section(runs: Path, out_dir: Path, log: list[str], timeout: float) -> dict:
     artifact = out_dir / "artifact"
-    cli(["-m", "export", "--run", str(runs / "orthcr"), "--out", str(artifact), "--fp16"], log, 900)
+    cli(["-m", "export", "--run", str(runs / "orthcr"), "--out", str(artifact), "--fp16"], log, timeout)
     parity = json.loads((artifact / "parity.json").read_text())
     return {"parity": parity}
 
 
-def inference_section(smoke: bool, device: str, out: Path, log: list[str]) -> dict:
+def inference_section(smoke: bool, device: str, out: Path, log: list[str], timeout: float) -> dict:
     args = ["bench/gpu_inference.py", "--out", str(out), "--device", device]
     args += ["--smoke"] if smoke else ["--seconds", "0.5", "--rounds", "3"]
-    cli(args, log, 900)
+    cli(args, log, timeout)
     return {"result": json.loads((out / "gpu_inference.json").read_text())}
 
 
@@ -282,12 +282,35 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def keep_files(work: Path, out: Path, prefix: str) -> None:
+    """Copy the sections' own result files out of the temporary folder, as ``<prefix>_<name>``."""
+    for path in [*(work / "cayley").glob("cayley_*"), *(work / "inference").glob("gpu_inference.*")]:
+        if path.is_file():
+            (out / f"{prefix}_{path.name}").write_bytes(path.read_bytes())
+
+
+def write_report(args, argv, check: Check, env: dict, log: list[str], prefix: str) -> dict:
+    report = {"command": "bash bench/gpu_check.sh " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "smoke": args.smoke, "budget_s": check.budget_s,
+              "seconds": time.time() - check.start, "environment": env, "sections": check.sections, "log": log}
+    (args.out / f"{prefix}.json").write_text(json.dumps(report, indent=2, default=str))
+    (args.out / f"{prefix}.md").write_text(markdown(report))
+    return report
+
+
+def default_data() -> Path:
+    """flowers5 from ../shared/data, or the copy `make gpu-data` puts in .gpu_data/ to carry to a GPU machine."""
+    shared = REPO.parent / "shared" / "data" / "flowers5"
+    return shared if shared.is_dir() else REPO / ".gpu_data" / "flowers5"
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="toy scale on any device (CPU if there is no GPU)")
     p.add_argument("--device", default=None, help="default: cuda where there is one, else cpu")
-    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "flowers5",
-                   help="ImageFolder for the training CLI runs (default ../shared/data/flowers5)")
+    p.add_argument("--data", type=Path, default=default_data(),
+                   help="ImageFolder for the training CLI and data sections (default ../shared/data/flowers5, "
+                        "else .gpu_data/flowers5)")
     p.add_argument("--budget", type=float, default=None, help="seconds in all (default 450; --smoke 600)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled step variants")
     p.add_argument("--sections", nargs="+",
@@ -314,8 +337,10 @@ def main(argv: list[str] | None = None) -> dict:
                 "steps_compiled": (lambda: steps_section(device, args.smoke, compiled=True), 240),
                 "data": (lambda: data_section(args.data, args.smoke, device), 20),
                 "training": (lambda: training_section(device, args.data, work / "runs", log, args.smoke, args.compile), 90),
-                "export": (lambda: export_section(work / "runs", work, log), 40),
-                "inference": (lambda: inference_section(args.smoke, device, work / "inference", log), 60)}
+                "export": (lambda: export_section(work / "runs", work, log, max(30, check.left())), 40),
+                "inference": (lambda: inference_section(args.smoke, device, work / "inference", log,
+                                                        max(30, check.left())), 60)}
+        report = write_report(args, argv, check, env, log, prefix)
         for name in args.sections:
             if name == "steps_compiled" and not args.compile:
                 continue
@@ -324,15 +349,9 @@ def main(argv: list[str] | None = None) -> dict:
                 check.sections[name] = {"status": "skipped", "why": "no device-trained run (training section)"}
                 continue
             check.run(name, 5 if args.smoke else needs, body)
-        for source in ("inference/gpu_inference.md", "inference/gpu_inference.png", "cayley"):
-            path = work / source
-            if path.is_file():
-                (args.out / f"{prefix}_{path.name}").write_bytes(path.read_bytes())
-    report = {"command": "bash bench/gpu_check.sh " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "smoke": args.smoke, "budget_s": check.budget_s,
-              "seconds": time.time() - check.start, "environment": env, "sections": check.sections, "log": log}
-    (args.out / f"{prefix}.json").write_text(json.dumps(report, indent=2, default=str))
-    (args.out / f"{prefix}.md").write_text(markdown(report))
+            keep_files(work, args.out, prefix)
+            report = write_report(args, argv, check, env, log, prefix)  # after every section: a run cut short keeps it
+        report = write_report(args, argv, check, env, log, prefix)
     print(markdown(report), flush=True)
     return report
 

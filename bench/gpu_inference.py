@@ -178,7 +178,7 @@ def bench(args, device: torch.device, workdir: Path) -> dict:
             for b in args.batches:
                 run(pixels[:b])
         except Exception as err:  # noqa: BLE001 - an onnxruntime provider that fails at run time is recorded
-            if not path.startswith("ort-"):
+            if not path.startswith(("ort-", "service-")):
                 raise
             skipped[path] = f"{type(err).__name__}: {err}"[:300]
             del runners[path]

@@ -63,6 +63,10 @@ def test_rotations_are_orthogonal_for_every_block_size(size, autocast):
     for rotation, r in zip(rotations, blocks):
         assert r.dtype == torch.float32
         assert orthogonality_error(r) < 1e-5, (rotation.kernel, size)
+    for rotation in rotations[2:]:  # the GPU's arithmetic: bf16 iterations, then fp32 (auto uses fp32 on a CPU)
+        q = rotation.skew_generator()
+        r = 2 * newton_inverse(q, low_dtype=torch.bfloat16) - torch.eye(size)
+        assert orthogonality_error(r) < 1e-5 and (r - solve_cayley(q)).abs().max() < 1e-5, size
 
 
 def test_newton_schulz_range_and_what_happens_beyond_it():

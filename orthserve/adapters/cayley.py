@@ -17,8 +17,9 @@
 Both are exact to fp32 rounding: the same function as ``torch.linalg.solve(I - Q, I + Q)``, compared to
 1e-5 in the tests. Newton-Schulz with the defaults (10 + 2 iterations) holds that up to ``|Q|_2`` of about
 14 (rotation angles up to 172 degrees); beyond it the iterations have not converged and ``R`` is wrong:
-training compares it with the LU kernel at log intervals and switches to LU when they differ
-(``training.finetune.keep_orthogonal``). The backward is the same for both, two multiplies with the saved
+training compares it with the LU kernel at every log interval (``--log-every`` steps and each epoch's end) and
+switches the run to LU when they differ (``training.finetune.keep_orthogonal``; the switch lasts for the process:
+a later load starts from ``auto`` again). The backward is the same for both, two multiplies with the saved
 ``X``: ``dL/dQ = 2 X^T G X^T`` for ``G = dL/dR``.
 """
 from __future__ import annotations
