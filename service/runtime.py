@@ -37,7 +37,8 @@ ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionPro
 def resolve_model(spec: str | None = None) -> Path:
     """``ORTHSERVE_MODEL`` (a directory or a BentoML model tag) -> artifact directory."""
     spec = spec if spec is not None else os.environ.get("ORTHSERVE_MODEL", "").strip()
-    if not spec:
+    default = not spec
+    if default:
         if (DEFAULT_ARTIFACT / "manifest.json").is_file():
             return DEFAULT_ARTIFACT
         spec = DEFAULT_TAG
@@ -49,6 +50,12 @@ def resolve_model(spec: str | None = None) -> Path:
     try:
         return Path(bentoml.models.get(spec).path)
     except Exception as err:  # bad tag syntax or not in the store
+        if default:  # a fresh clone: nothing exported yet
+            raise FileNotFoundError(
+                f"no model to serve: ORTHSERVE_MODEL is not set, {DEFAULT_ARTIFACT} has no manifest.json and the "
+                f"BentoML store has no {DEFAULT_TAG}. Run `make artifact` (exports the built-in orthserve-mini there, "
+                "about 30 s), or export your own with `python -m export --run RUN_DIR --out DIR` and set "
+                "ORTHSERVE_MODEL=DIR") from err
         raise FileNotFoundError(
             f"ORTHSERVE_MODEL={spec!r} is neither an artifact directory nor a BentoML model tag in the store ({err}); "
             f"export one with `python -m export --out DIR` and set ORTHSERVE_MODEL=DIR") from err

@@ -451,3 +451,15 @@ def subprocess_pid_that_has_exited() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     return child.pid
+
+
+def test_a_fresh_clone_without_a_model_says_which_command_makes_one(tmp_path, monkeypatch):
+    """No ORTHSERVE_MODEL, no artifacts/default, nothing in the BentoML store: the error names `make artifact`."""
+    from service import runtime
+
+    monkeypatch.delenv("ORTHSERVE_MODEL", raising=False)
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
+    monkeypatch.setattr(runtime, "DEFAULT_ARTIFACT", tmp_path / "artifacts" / "default")
+    with pytest.raises(FileNotFoundError, match="make artifact") as raised:
+        runtime.resolve_model()
+    assert "ORTHSERVE_MODEL=DIR" in str(raised.value)
