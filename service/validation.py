@@ -138,19 +138,36 @@ class RequestGuard:
     forms whose image fields are real file uploads (BentoML would otherwise treat a text field as a URL
     to download).  The body is buffered (at most ``max_bytes``) and replayed to the app."""
 
+    DRAIN_FACTOR = 8  # an oversized body up to this many times the limit is read and dropped before the 413
+
     def __init__(self, app: Callable, max_bytes: int | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes or Limits.from_env().max_bytes
+
+    async def refuse_too_big(self, scope: dict, receive: Callable, send: Callable, received: int,
+                             more: bool = True) -> None:
+        """Answer 413 once the client has sent its body (up to ``DRAIN_FACTOR`` x the limit, read and dropped,
+        never kept): clients that send the whole body before reading, such as Python's urllib, otherwise hit
+        a closed connection instead of the answer. Larger bodies get the 413 at once, then the connection closes.
+        ``more``: whether the client has more of the body to send."""
+        while more and received <= self.DRAIN_FACTOR * self.max_bytes:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            received += len(message.get("body", b""))
+            more = message.get("more_body", False)
+        await error_response(f"request body above the limit of {self.max_bytes} bytes", 413)(scope, receive, send)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         path = scope.get("path", "")
         if scope["type"] != "http" or scope["method"] != "POST" or (path not in MULTIPART_ROUTES and path not in JSON_ROUTES):
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        too_big = error_response(f"request body above the limit of {self.max_bytes} bytes", 413)
         try:
-            if int(headers.get("content-length", "0")) > self.max_bytes:
-                return await too_big(scope, receive, send)
+            declared = int(headers.get("content-length", "0"))
+            if declared > self.max_bytes:  # past the drain bound: no point reading any of it
+                drained = 0 if declared <= self.DRAIN_FACTOR * self.max_bytes else declared
+                return await self.refuse_too_big(scope, receive, send, drained)
         except ValueError:
             return await error_response("bad Content-Length header", 400)(scope, receive, send)
         body, more = bytearray(), True
@@ -161,7 +178,7 @@ class RequestGuard:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.max_bytes:
-                return await too_big(scope, receive, send)
+                return await self.refuse_too_big(scope, receive, send, len(body), more)
         if problem := await self.check(scope, path, headers.get("content-type", ""), bytes(body)):
             return await problem(scope, receive, send)
         sent = False

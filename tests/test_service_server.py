@@ -183,6 +183,24 @@ def test_bad_input_over_http_and_still_ready(server):
     assert info["model"] == "orthserve-tiny" and info["classes"] == ["ants", "bees"]
 
 
+def test_an_oversized_upload_gets_a_413_that_urllib_can_read(server):
+    """Python's urllib sends the whole body before reading the answer: a server that answers 413 and closes
+    at once breaks its pipe. Bodies up to 8x the limit are drained (read and dropped, never kept), so the
+    client reads the 413 JSON."""
+    import urllib.error
+    import urllib.request
+
+    boundary = "orthserveboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"big.jpg\"\r\n"
+            "Content-Type: image/jpeg\r\n\r\n").encode() + os.urandom(6 * MAX_BYTES) + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(f"{server.base_url}/classify", data=body, method="POST",
+                                      headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(request, timeout=60)
+    assert answer.value.code == 413 and "limit" in json.loads(answer.value.read())["error"]
+    assert server.get("/readyz").status_code == 200
+
+
 def test_both_workers_count_requests_in_flight_on_one_board(server):
     """service/balance.py in real worker processes: one board for the server's 2 workers (named after their
     parent, `bentoml serve`), and once every answer is in, no request is left counted in flight."""
