@@ -32,6 +32,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from inference import synchronize  # noqa: E402
 from orthserve.adapters.cayley import cayley, newton_inverse, orthogonality_error, skew  # noqa: E402
 
 # (in_features, layers) of the orthogonally adapted linears of ViT-B-16: image c_fc, c_proj; text c_fc, c_proj
@@ -91,11 +93,6 @@ def run_step(name: str, groups: dict[int, list[torch.Tensor]], upstream: dict[in
         (blocks * upstream[b]).sum().backward()
         out.append(blocks.detach())
     return out
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(device: torch.device, layers, blocks, block_size, spectral: float, rounds: int,

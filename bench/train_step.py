@@ -69,30 +69,20 @@ def variant(text: str) -> str:
 
 
 def rotation_as_before(rotation):
-    """Give one BlockRotation the arithmetic of commit 4896f2c: a linalg.solve per layer, forward and backward."""
+    """Give one BlockRotation the arithmetic of commit 4896f2c: a ``linalg.solve`` per layer for R, and the
+    weight-side layers solving with W as right-hand side (today's CPU path, now on every device: the LU
+    kernel). Differences left: today's weight-side solve skips the error check (no sync); the step's per-step
+    loss read adds the syncs the old loop had."""
     import torch
-
-    def skew_q():
-        return rotation.skew_generator()
 
     def rotation_blocks():
         with torch.autocast(rotation.generator.device.type, enabled=False):
-            q = skew_q()
+            q = rotation.skew_generator()
             eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
             return torch.linalg.solve(eye - q, eye + q)
 
-    def adapt(weight):
-        out_features, in_features = weight.shape
-        n, b, _ = rotation.generator.shape
-        per_block = weight.reshape(out_features, n, b)
-        with torch.autocast(weight.device.type, enabled=False):
-            q = skew_q()
-            eye = torch.eye(b, dtype=q.dtype, device=q.device).expand_as(q)
-            solved = torch.linalg.solve(eye + q, per_block.float().permute(1, 2, 0))
-            rotated = 2 * solved.permute(2, 0, 1) - per_block.float()
-        return rotated.reshape(out_features, in_features).to(weight.dtype)
-
-    rotation.rotation_blocks, rotation.adapt = rotation_blocks, adapt
+    rotation.kernel = "lu"
+    rotation.rotation_blocks = rotation_blocks
 
 
 def build_step(method: str, args):
@@ -170,23 +160,12 @@ def count_flops(one_step) -> float:
 
 
 def matmul_rate(device: str, dtype_name: str, n: int) -> float:
-    """Best FLOP/s of an n x n matmul on the device (a few repeats after a warm-up)."""
+    """Best FLOP/s of an n x n matmul on the device (bench/inference.py's measurement)."""
     import torch
+    from inference import matmul_rate as measure_rate
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(6):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(4 if device.startswith("cuda") else 1):
-            a @ b
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - start) / (4 if device.startswith("cuda") else 1))
-    return 2 * n ** 3 / best
+    return measure_rate(n, 6, device, dtype)["gflops_best"] * 1e9
 
 
 def measure(method: str, args) -> dict:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .adapters.cayley import resolve_kernel
 from .adapters import (AdapterConfig, BlockRotation, TaskResConfig, TaskResidual, WeightAdapter, batched_rotation_blocks,
                        config_from_dict, orthogonality_error)
 from .classifier import CLIPClassifier
@@ -202,8 +203,10 @@ def max_orthogonality_error(target: nn.Module) -> float:
 
 def max_kernel_drift(target: nn.Module) -> float:
     """``max |R - R_lu|`` over the exact orthogonal adapters of ``target``: how far the kernel in use is
-    from the LU kernel (exact at any size). 0 where LU is in use already. One host read."""
-    rotations = [m for m in adapters(target) if isinstance(m, BlockRotation) and m.mode == "exact"]
+    from the LU kernel (exact at any size). 0, with nothing computed, where LU is in use already (a CPU).
+    One host read."""
+    rotations = [m for m in adapters(target) if isinstance(m, BlockRotation) and m.mode == "exact"
+                 and resolve_kernel(m.kernel, m.generator.device) != "lu"]
     if not rotations:
         return 0.0
     with torch.no_grad():

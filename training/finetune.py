@@ -341,16 +341,15 @@ class DeviceSums:
 ORTHOGONALITY_TOLERANCE = 1e-5
 
 
-def keep_orthogonal(classifier, cayley: str) -> float:
-    """``max |R^T R - I|`` of the adapters now, read at a log interval. Should the GPU's Newton-Schulz kernel
-    not have converged (rotations far larger than runs reach: see orthserve/adapters/cayley.py), its R
-    differs from the LU kernel's: the run then switches to LU, exact at any size, and says so."""
+def keep_orthogonal(classifier, cayley: str) -> None:
+    """At a log interval: should the GPU's Newton-Schulz kernel not have converged (rotations far larger than
+    runs reach: see orthserve/adapters/cayley.py), its R differs from the LU kernel's, and the run switches
+    to LU, exact at any size, and says so. Nothing to compare (and no work) where LU is in use already."""
     if cayley == "exact":
         drift = orthserve.surgery.max_kernel_drift(classifier)
         if drift > ORTHOGONALITY_TOLERANCE and orthserve.surgery.set_cayley_kernel(classifier, "lu"):
             log.warning("the Newton-Schulz Cayley kernel is %.2g from the exact rotations (past its range); "
                         "computing them with the LU kernel from now on", drift)
-    return orthserve.max_orthogonality_error(classifier)
 
 
 def check_finite(means: dict[str, float], step: int) -> dict[str, float]:
@@ -634,7 +633,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     result = evaluate(classifier, splits["val"], desc="validate")
                     row.update(val_loss=result["loss"], val_acc=result["top1"])
                 if args.method.startswith("orthcr"):
-                    row["orthogonality_error"] = keep_orthogonal(classifier, args.cayley)
+                    keep_orthogonal(classifier, args.cayley)
+                    row["orthogonality_error"] = orthserve.max_orthogonality_error(classifier)
                 history.append(row)
                 log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
                 ran += 1
