@@ -20,7 +20,8 @@ test: install
 	$(PY) -m pytest -q
 
 artifact: install
-	test -f $(ARTIFACT)/manifest.json || $(PY) -m export --model orthserve-mini --pretrained default \
+	@# (re-)export when there is no artifact or it is from an older orthserve (schema, tokenizer.json)
+	$(PY) -c "from orthserve.artifact import load_artifact; load_artifact('$(ARTIFACT)')" 2>/dev/null || $(PY) -m export --model orthserve-mini --pretrained default \
 		--classnames orthserve/weights/orthserve-mini.classes.txt --int8 --out $(ARTIFACT)
 
 serve: artifact

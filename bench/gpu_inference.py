@@ -12,7 +12,9 @@ figure the median over rounds:
   ort-cuda-fp16        the export's image.fp16.onnx on onnxruntime's CUDA provider, device tensors bound in place
   ort-tensorrt-fp16    the same on the TensorRT provider
   service-runtime      the service's own runtime (service.runtime.ImageModel, as /classify calls it: host numpy
-                       pixels in, numpy embeddings out, provider and variant chosen as the service chooses them)
+                       uint8 pixels in, numpy embeddings out, provider and variant chosen as the service chooses
+                       them, IO binding with pinned host buffers)
+  service-runtime-cudagraphs  the same with ORTHSERVE_CUDA_GRAPHS=1 (a CUDA graph per batch-size bucket)
 The onnxruntime paths run only where this machine's onnxruntime has the provider; otherwise the report says
 which providers it has.  Roofline: torch's fp16 n x n matrix multiply on the same device; images/s at that rate
 from the image tower's FLOPs (bench/inference.py ``image_gflop``: ViT-B-32 8.8 GFLOP per 224 px image).
@@ -47,14 +49,18 @@ TARGET_FRACTION = 0.30
 ORT_PROVIDERS = {"ort-cuda-fp16": "CUDAExecutionProvider", "ort-tensorrt-fp16": "TensorrtExecutionProvider"}
 
 
-def torch_path(model: torch.nn.Module, dtype: torch.dtype, compile_it: bool = False):
-    """``pixels (fp32, on the device) -> L2-normalized embeddings``; the cast to ``dtype`` is part of the path."""
+def torch_path(model: torch.nn.Module, spec, dtype: torch.dtype, compile_it: bool = False):
+    """``uint8 pixels (on the device) -> L2-normalized embeddings`` through the exported wrapper (normalization
+    in ``dtype`` on the device, as the fp16 graph does it); the cast to ``dtype`` is part of the path."""
+    from export.towers import ImageTower
+
+    tower = ImageTower(model, spec).to(dtype=dtype).eval()
     # static shapes: one graph per batch size, as a server with fixed batch buckets would compile them
-    encode = torch.compile(model.encode_image, dynamic=False) if compile_it else model.encode_image
+    encode = torch.compile(tower, dynamic=False) if compile_it else tower
 
     def run(pixels: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return F.normalize(encode(pixels.to(dtype)).float(), dim=-1)
+            return encode(pixels).float()
     return run
 
 
@@ -72,38 +78,45 @@ def ort_path(onnx_path: Path, provider: str, device: torch.device, embed_dim: in
         pixels = pixels.contiguous()
         out = torch.empty((pixels.shape[0], embed_dim), dtype=torch.float32, device=device)
         binding = session.io_binding()
-        binding.bind_input(name, "cuda", device.index or 0, np.float32, tuple(pixels.shape), pixels.data_ptr())
+        binding.bind_input(name, "cuda", device.index or 0, np.uint8, tuple(pixels.shape), pixels.data_ptr())
         binding.bind_output(out_name, "cuda", device.index or 0, np.float32, tuple(out.shape), out.data_ptr())
         session.run_with_iobinding(binding)
         return out
     return run
 
 
-def service_path(artifact: Path, device: torch.device):
-    """``service.runtime.ImageModel`` on the artifact: the served path, host pixels in and out.
+def service_path(artifact: Path, device: torch.device, cuda_graphs: bool = False):
+    """``service.runtime.ImageModel`` on the artifact: the served path, host uint8 pixels in, numpy out (IO
+    binding with pinned buffers; with ``cuda_graphs``, ``ORTHSERVE_CUDA_GRAPHS=1``).
 
     The host copy of each batch is made once, outside the timing: the service receives host pixels."""
     from service.runtime import ImageModel, open_artifact
 
-    model = ImageModel(open_artifact(str(artifact)))
+    os.environ["ORTHSERVE_CUDA_GRAPHS"] = "1" if cuda_graphs else ""
+    try:
+        model = ImageModel(open_artifact(str(artifact)))
+    finally:
+        os.environ.pop("ORTHSERVE_CUDA_GRAPHS")
     host: dict[int, np.ndarray] = {}
 
     def run(pixels: torch.Tensor) -> torch.Tensor:
         if len(pixels) not in host:
             host[len(pixels)] = pixels.cpu().numpy()
         return torch.from_numpy(model.encode(host[len(pixels)])).to(device)
-    run.variant = f"{model.encoder.variant} on {model.encoder.providers}"  # type: ignore[attr-defined]
+    bound = model.encoder.bound
+    run.variant = (f"{model.encoder.variant} on {model.encoder.providers}, max batch {model.max_batch}, "  # type: ignore[attr-defined]
+                   f"pinned {bound.pinned if bound else None}, CUDA graphs {sorted(bound.graphs) if bound else None}")
     return run
 
 
 def load_pixels(photos: Path, spec, count: int) -> tuple[np.ndarray, str]:
-    from orthserve.preprocess import load_images
+    from orthserve.preprocess import load_pixels
 
     paths = sorted(photos.rglob("*.jpg"))[:count] if photos.is_dir() else []
     if not paths:
-        return np.random.default_rng(0).standard_normal((count, 3, spec.image_size, spec.image_size)).astype(
-            np.float32), f"synthetic (no photos under {photos})"
-    pixels = load_images([str(p) for p in paths], spec)
+        return np.random.default_rng(0).integers(0, 256, (count, 3, spec.image_size, spec.image_size), np.uint8), \
+            f"synthetic (no photos under {photos})"
+    pixels = load_pixels([str(p) for p in paths], spec)
     return np.concatenate([pixels] * (count // len(pixels) + 1))[:count], f"{len(paths)} photos from {photos}, repeated"
 
 
@@ -149,12 +162,13 @@ def bench(args, device: torch.device, workdir: Path) -> dict:
     folded = model.to(device)
     with torch.inference_mode():
         embed_dim = int(folded.encode_image(torch.zeros(1, 3, spec.image_size, spec.image_size, device=device)).shape[-1])
-    runners = {"torch-fp32": torch_path(folded, torch.float32)}
+    runners = {"torch-fp32": torch_path(folded, spec, torch.float32)}
     for dtype in args.dtypes:
         half = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-        runners[f"torch-{dtype}"] = torch_path(_copy_as(folded, half), half)
+        runners[f"torch-{dtype}"] = torch_path(_copy_as(folded, half), spec, half)
     if args.compile and "fp16" in args.dtypes and device.type == "cuda":
-        runners["torch-fp16-compiled"] = torch_path(_copy_as(folded, torch.float16), torch.float16, compile_it=True)
+        runners["torch-fp16-compiled"] = torch_path(_copy_as(folded, torch.float16), spec, torch.float16,
+                                                    compile_it=True)
     skipped = {}
     for path in ort_paths:
         try:
@@ -166,6 +180,10 @@ def bench(args, device: torch.device, workdir: Path) -> dict:
             runners["service-runtime"] = service_path(workdir / "artifact", device)
         except Exception as err:  # noqa: BLE001 - recorded, not fatal
             skipped["service-runtime"] = f"{type(err).__name__}: {err}"[:300]
+        try:
+            runners["service-runtime-cudagraphs"] = service_path(workdir / "artifact", device, cuda_graphs=True)
+        except Exception as err:  # noqa: BLE001 - recorded, not fatal
+            skipped["service-runtime-cudagraphs"] = f"{type(err).__name__}: {err}"[:300]
     pixels_np, pixels_from = load_pixels(args.photos, spec, max(args.batches))
     pixels = torch.from_numpy(pixels_np).to(device)
 
@@ -191,6 +209,7 @@ def bench(args, device: torch.device, workdir: Path) -> dict:
     return {"model": name, "pretrained": pretrained, "image_size": spec.image_size, "image_gflop_per_image": round(gflop, 4),
             "adapters": [c.to_dict() for c in configs], "pixels": pixels_from, "paths": paths, "skipped": skipped,
             "onnxruntime": ort_line, "check_against_torch_fp32": check, "images_per_s": ips,
+            "path_details": {p: run.variant for p, run in runners.items() if hasattr(run, "variant")},
             "images_per_s_all_rounds": {p: {str(b): [round(x, 1) for x in v] for b, v in d.items()}
                                         for p, d in rates.items()}}
 
@@ -227,7 +246,9 @@ def write_markdown(report: dict, path: Path) -> None:
         check = res["check_against_torch_fp32"][p]
         lines.append(f"| {p} | " + " | ".join(f"{res['images_per_s'][p][str(b)]:.1f}" for b in batches)
                      + f" | {check['max_abs_diff']:.2e} / {check['cosine_min']:.5f} |")
+    lines += [""] + [f"- {p}: {detail}" for p, detail in res.get("path_details", {}).items()]
     lines += [""] + [f"- not run: {p}: {why}" for p, why in res["skipped"].items()]
+    lines += [""] + service_target_lines(res, batches)
     lines += ["", "| target | batch | best path | img/s | roofline img/s | fraction | verdict |", "|---|---|---|---|---|---|---|",
               f"| best path >= {TARGET_FRACTION:.0%} of the {mm['dtype']} matmul roofline | {roof['batch']} | "
               f"{roof['best_path']} | {roof['best_measured']:.1f} | {roof['images_per_s']:.0f} | {roof['fraction']:.1%} | "
@@ -236,6 +257,22 @@ def write_markdown(report: dict, path: Path) -> None:
               f"interleaved and rotated per round, pixels already on the device (the cast to half precision is timed).",
               f"{report['created']}; {report['machine']}; command `{report['command']}`."]
     path.write_text("\n".join(lines) + "\n")
+
+
+def service_target_lines(res: dict, batches: list[int]) -> list[str]:
+    """Issue 23: the served path (host uint8 pixels) at the largest batch against torch bf16 with the pixels on
+    the device, and the served path's latency at batch 1."""
+    ips, big = res["images_per_s"], str(max(batches))
+    if "torch-bf16" not in ips:
+        return []
+    lines = ["| served path | batch | img/s | torch-bf16 img/s | fraction (target >= 60%) | batch-1 latency ms |",
+             "|---|---|---|---|---|---|"]
+    for p in (p for p in res["paths"] if p.startswith("service-runtime")):
+        one = ips[p].get("1")
+        fraction = ips[p][big] / ips["torch-bf16"][big]
+        lines.append(f"| {p} | {big} | {ips[p][big]:.1f} | {ips['torch-bf16'][big]:.1f} | {fraction:.1%} "
+                     f"{'PASS' if fraction >= 0.6 else 'FAIL'} | {1000 / one if one else float('nan'):.2f} |")
+    return lines if len(lines) > 2 else []
 
 
 def write_chart(report: dict, path: Path) -> None:
@@ -281,7 +318,7 @@ def main() -> None:
     if device.type != "cuda" and not args.smoke:
         raise SystemExit(f"error: --device {args.device} without --smoke: CPU figures are bench/inference.py's job")
     args.model = args.model or ("orthserve-tiny" if args.smoke else "ViT-B-32")
-    args.batches = args.batches or ([1, 4] if args.smoke else [32, 256])
+    args.batches = args.batches or ([1, 4] if args.smoke else [1, 32, 256])
     args.seconds = args.seconds if args.seconds is not None else (0.05 if args.smoke else 1.0)
     args.rounds = args.rounds or (2 if args.smoke else 5)
     torch.backends.cuda.matmul.allow_tf32 = False  # torch-fp32 is the fp32 reference, not TF32

@@ -132,10 +132,15 @@ def build(name: str, pretrained: str, adapted: bool, perturb: float):
     return model, tokenizer, configs
 
 
-def torch_runner(model: torch.nn.Module):
+def torch_runner(model: torch.nn.Module, spec):
+    """uint8 pixels -> embeddings through the wrapper the export exports (normalization included)."""
+    from export.towers import ImageTower
+
+    tower = ImageTower(model, spec).eval()
+
     def run(pixels: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return F.normalize(model.encode_image(torch.from_numpy(pixels)), dim=-1).numpy()
+            return tower(torch.from_numpy(pixels)).numpy()
     return run
 
 
@@ -282,7 +287,7 @@ def int8_fidelity(art, threads: int, image_sets: dict[str, tuple[list[Path], lis
     """int8 against fp32 on real photos, per image set: image-embedding cosine; top-1 agreement with each
     label set, end to end (int8 image and text towers) and with the int8 image tower only (what
     ``ORTHSERVE_INT8=1`` serves)."""
-    from orthserve.preprocess import load_images
+    from orthserve.preprocess import load_pixels
 
     labels = {"ants/bees": ["ants", "bees"], "tiny-imagenet 202 names": tiny_imagenet_names()}
     image = {v: ort_runner(art.onnx_path("image", v), v, threads) for v in ("fp32", "int8")}
@@ -291,7 +296,7 @@ def int8_fidelity(art, threads: int, image_sets: dict[str, tuple[list[Path], lis
                for name, names in labels.items() if names}
     out = {}
     for set_name, (paths, label_sets) in image_sets.items():
-        pixels = load_images([str(p) for p in paths], art.preprocess)
+        pixels = load_pixels([str(p) for p in paths], art.preprocess)
         img = {v: np.concatenate([image[v](pixels[i:i + 32]) for i in range(0, len(pixels), 32)])
                for v in ("fp32", "int8")}
         cos = (img["fp32"] * img["int8"]).sum(1) / (np.linalg.norm(img["fp32"], axis=1)
@@ -353,7 +358,7 @@ def fidelity_table(results: list[dict]) -> list[str]:
 def bench_model(name: str, args, threads: int, photos: list[Path], workdir: Path) -> dict:
     import export
     from orthserve.artifact import load_artifact
-    from orthserve.preprocess import PreprocessSpec, load_images
+    from orthserve.preprocess import PreprocessSpec, load_pixels
 
     pretrained = pretrained_for(name)
     t0 = time.perf_counter()
@@ -369,10 +374,10 @@ def bench_model(name: str, args, threads: int, photos: list[Path], workdir: Path
     art = load_artifact(out)
     parity = json.loads((out / "parity.json").read_text())
     folded = source.model  # folded in place by the export
-    pixels_all = load_images([str(p) for p in photos[:max(args.batches)]], spec)
+    pixels_all = load_pixels([str(p) for p in photos[:max(args.batches)]], spec)
 
-    runners = {"pytorch-base": torch_runner(base), "pytorch-unfolded": torch_runner(unfolded),
-               "pytorch-folded": torch_runner(folded),
+    runners = {"pytorch-base": torch_runner(base, spec), "pytorch-unfolded": torch_runner(unfolded, spec),
+               "pytorch-folded": torch_runner(folded, spec),
                "ort-fp32": ort_runner(art.onnx_path("image", "fp32"), "fp32", threads),
                "ort-int8": ort_runner(art.onnx_path("image", "int8"), "int8", threads)}
     probe = pixels_all[:8]

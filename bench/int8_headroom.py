@@ -36,7 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import inference  # bench/ is sys.path[0]; sets up the repository's imports
 from orthserve.artifact import ArtifactError, load_artifact, ort_session
-from orthserve.preprocess import load_images
+from orthserve.preprocess import load_pixels
 from server import photo_paths
 
 MATMUL_OPS = {"MatMul", "Gemm", "FusedMatMul", "Attention", "QAttention", "MultiHeadAttention",
@@ -48,7 +48,7 @@ def block_shapes(name: str) -> tuple[int, list[tuple[str, int, int]]]:
     """(tokens per image, [(matrix multiply, K, N)]) of one transformer block of ``name``'s image tower."""
     import open_clip
 
-    import orthserve  # noqa: F401  (registers orthserve-mini)
+    import orthserve.models  # noqa: F401  (registers our configs, e.g. orthserve-tiny)
     from orthserve import mini
 
     cfg = mini.IMAGE_TOWER if name == mini.MODEL_NAME else open_clip.get_model_config(name)["vision_cfg"]
@@ -153,7 +153,7 @@ def measure_tower(artifact: Path, batches: list[int], args, tmp: Path) -> dict:
         raise SystemExit(f"error: {artifact} has no int8 image tower (export it with --int8, or run `make artifact`)")
     photos = photo_paths()
     photos = (photos * (max(batches) // len(photos) + 1))[:max(batches)]
-    pixels = load_images([str(p) for p in photos], art.preprocess)
+    pixels = load_pixels([str(p) for p in photos], art.preprocess)
     paths = {v: art.onnx_path("image", v) for v in ("fp32", "int8")}
     runners = {v: inference.ort_runner(p, v, 1) for v, p in paths.items()}
     rates = inference.timed_rounds(runners, pixels, batches, args.rounds, args.seconds, args.min_iters, "image tower")

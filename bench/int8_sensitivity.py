@@ -30,7 +30,7 @@ from inference import (DATA, class_embeddings, cpu_int8_instructions, ort_runner
 
 from export.towers import ATTENTION_OPS, int8_sensitive_nodes, to_int8  # noqa: E402
 from orthserve.artifact import load_artifact  # noqa: E402
-from orthserve.preprocess import load_images  # noqa: E402
+from orthserve.preprocess import load_pixels  # noqa: E402
 
 TARGET = 0.99
 
@@ -98,7 +98,7 @@ def main() -> None:
                   # the last train photos of each class, never used to choose the layers
                   "tiny-imagenet train, held out": tiny_imagenet_photos("train", args.heldout_per_class, last=True)}
     print("preprocessing photos ...", flush=True)
-    scorers = {name: Agreement(art, load_images([str(p) for p in paths], art.preprocess), classes, args.threads)
+    scorers = {name: Agreement(art, load_pixels([str(p) for p in paths], art.preprocess), classes, args.threads)
                for name, paths in photo_sets.items()}
     graph = onnx.load(str(art.onnx_path("image", "fp32"))).graph
     roles = weight_roles(graph)

@@ -189,7 +189,7 @@ def raw_setup(artifact_dir: Path, variant: str):
 
 def raw_session(artifact_dir: Path, variant: str, concurrency: int, seconds: float, n_images: int) -> dict:
     """In-process baseline: batches of ``concurrency`` photos, decode + preprocess + onnxruntime run."""
-    from orthserve.preprocess import decode_image, preprocess
+    from orthserve.preprocess import decode_image, to_pixels
 
     art, session, threads = raw_setup(artifact_dir, variant)
     name = session.get_inputs()[0].name
@@ -197,7 +197,7 @@ def raw_session(artifact_dir: Path, variant: str, concurrency: int, seconds: flo
 
     def one_batch(i: int) -> None:
         batch = [images[(i + k) % len(images)] for k in range(concurrency)]
-        pixels = np.stack([preprocess(decode_image(b), art.preprocess) for b in batch])
+        pixels = np.stack([to_pixels(decode_image(b), art.preprocess) for b in batch])
         session.run(None, {name: pixels})
 
     one_batch(0)  # warm-up

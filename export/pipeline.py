@@ -25,10 +25,11 @@ from safetensors.torch import save_file
 import orthserve
 from orthserve.artifact import (CHECKPOINT_FILE, CLASSIFIER_FILE, COMPONENTS, MANIFEST_FILE, PARITY_FILE,
                                 SCHEMA_VERSION, file_entries, onnx_file)
+from orthserve.preprocess import normalize
 
 from . import verify
 from .source import Source
-from .towers import DEFAULT_OPSET, VARIANT_BUILDERS, check_opset, check_variants, export_tower
+from .towers import DEFAULT_OPSET, INPUT_NAMES, VARIANT_BUILDERS, check_opset, check_variants, export_tower
 
 DEFAULT_TOLERANCE = 1e-4
 
@@ -56,11 +57,13 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _reference(source: Source, images: np.ndarray, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Outputs of the unfolded adapted model: what the artifact must reproduce."""
+def _reference(source: Source, pixels: np.ndarray, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Outputs of the unfolded adapted model (uint8 pixels normalized by ``orthserve.preprocess``): what the
+    artifact must reproduce."""
     model = source.model.eval()
+    images = torch.from_numpy(normalize(pixels, source.preprocess))
     with torch.no_grad():
-        ref = {"image": F.normalize(model.encode_image(torch.from_numpy(images)), dim=-1),
+        ref = {"image": F.normalize(model.encode_image(images), dim=-1),
                "text": F.normalize(model.encode_text(tokens), dim=-1),
                "logit_scale": model.logit_scale.exp().float()}
         if source.classifier is not None:
@@ -114,7 +117,8 @@ def build(source: Source, root: Path, variants: Sequence[str] = (), images_dir: 
     fp32, nodes, fusions = {}, {}, {}
     for component in COMPONENTS:  # check each tower as soon as it exists: fail fast
         path = root / onnx_file(component)
-        fusions[component] = export_tower(source.model, component, examples[component], path, opset)
+        fusions[component] = export_tower(source.model, component, examples[component], path, source.preprocess,
+                                          opset)
         fp32[component] = verify.OnnxRunner(path)(inputs[component])
         nodes[component] = len(onnx.load(str(path), load_external_data=False).graph.node)
         parity[component] = _checked(component, fp32[component], ref[component], tolerance)
@@ -152,6 +156,8 @@ def build(source: Source, root: Path, variants: Sequence[str] = (), images_dir: 
         "classnames": source.classnames,
         "templates": source.templates,
         "preprocess": source.preprocess.to_dict(),
+        "inputs": {"image": {"name": INPUT_NAMES["image"], "dtype": "uint8", "shape": ["batch", *images.shape[1:]]},
+                   "text": {"name": INPUT_NAMES["text"], "dtype": "int64", "shape": ["batch", int(tokens.shape[1])]}},
         "tokenizer": {"model": source.name, "context_length": int(tokens.shape[1])},
         "embed_dim": int(fp32["image"].shape[1]),
         "logit_scale": float(ref["logit_scale"]),

@@ -29,22 +29,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from orthserve.preprocess import PreprocessSpec
+
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
 ATTENTION_OPS = ("Attention", "MultiHeadAttention")  # onnxruntime's fused attention (contrib ops)
 
 
 class ImageTower(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
+    """uint8 ``[N, 3, H, W]`` (resized and cropped, ``orthserve.preprocess.to_pixels``) -> embeddings.
+
+    The normalization is the graph's first multiply-add, with the constants of ``PreprocessSpec.affine``
+    (the same ones ``orthserve.preprocess.normalize`` uses): clients send a quarter of the bytes of float32
+    pixels, and on a GPU the fp16 graph normalizes in fp16 on the device."""
+
+    def __init__(self, model: nn.Module, spec: PreprocessSpec) -> None:
         super().__init__()
         self.model = model
+        scale, shift = spec.affine()
+        self.register_buffer("scale", torch.from_numpy(scale), persistent=False)
+        self.register_buffer("shift", torch.from_numpy(shift), persistent=False)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.model.encode_image(pixels), dim=-1)
+        # in the buffers' dtype: fp32 when exported (the fp16 conversion then makes it fp16), bf16 in a bf16 bench
+        return F.normalize(self.model.encode_image(pixels.to(self.scale.dtype) * self.scale + self.shift), dim=-1)
 
 
 class TextTower(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, spec: PreprocessSpec | None = None) -> None:
         super().__init__()
         self.model = model
 
@@ -156,15 +168,16 @@ def fuse_for_onnxruntime(path: Path) -> dict[str, int]:
     return counts
 
 
-def export_tower(model: nn.Module, component: str, example: torch.Tensor, path: Path,
+def export_tower(model: nn.Module, component: str, example: torch.Tensor, path: Path, spec: PreprocessSpec,
                  opset: int = DEFAULT_OPSET) -> dict[str, int]:
     """Export one tower of a (folded) CLIP model to a single self-contained ONNX file, fused for
     onnxruntime; returns the fusion counts.
 
-    ``example`` needs a batch of at least 2 so the batch axis is not specialized to 1.
+    ``example`` (uint8 pixels or int64 tokens) needs a batch of at least 2 so the batch axis is not
+    specialized to 1.
     """
     check_opset(opset)
-    wrapper = WRAPPERS[component](model).eval()
+    wrapper = WRAPPERS[component](model, spec).eval()
     input_name = INPUT_NAMES[component]
     batch = torch.export.Dim("batch", min=1)
     # the exporter prints progress lines and warns about things that do not concern us
@@ -179,7 +192,7 @@ def export_tower(model: nn.Module, component: str, example: torch.Tensor, path: 
 
 
 def to_fp16(source: Path, target: Path) -> Path:
-    """fp16 weights and compute for GPUs; inputs and outputs stay float32 (the contract).
+    """fp16 weights and compute for GPUs; inputs (uint8 pixels, int64 tokens) and float32 outputs unchanged.
 
     Uses onnxruntime's own converter (``onnxruntime.transformers.float16``), so no
     extra dependency; ops it knows to be unsafe in fp16 stay in fp32.

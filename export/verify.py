@@ -17,7 +17,7 @@ from PIL import Image
 
 from orthserve.artifact import ort_session
 from orthserve.classifier import CLIPClassifier
-from orthserve.preprocess import PreprocessSpec, load_images, preprocess_batch
+from orthserve.preprocess import PreprocessSpec, load_pixels, to_pixels
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DEFAULT_IMAGE_SETS = ("hymenoptera-val", "flowers5")
@@ -54,18 +54,18 @@ def generated_images(count: int = 8, seed: int = 0) -> list[Image.Image]:
 
 
 def verification_images(spec: PreprocessSpec, images_dir: str | Path | None = None) -> tuple[np.ndarray, str]:
-    """``([N, 3, H, W] float32, description)``: real photos where present, else generated."""
+    """``([N, 3, H, W] uint8 pixels, description)``: real photos where present, else generated."""
     if images_dir is not None:
         paths = find_images([Path(images_dir)])
         if not paths:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {images_dir}")
-        return load_images([str(p) for p in paths], spec), f"{len(paths)} images from {images_dir}"
+        return load_pixels([str(p) for p in paths], spec), f"{len(paths)} images from {images_dir}"
     roots = [DATA_DIR / name for name in DEFAULT_IMAGE_SETS if (DATA_DIR / name).is_dir()]
     paths = find_images(roots)
     if len(paths) >= 2:
-        return load_images([str(p) for p in paths], spec), f"{len(paths)} images from {', '.join(map(str, roots))}"
+        return load_pixels([str(p) for p in paths], spec), f"{len(paths)} images from {', '.join(map(str, roots))}"
     images = generated_images()
-    return preprocess_batch(images, spec), f"{len(images)} generated images"
+    return np.stack([to_pixels(image, spec) for image in images]), f"{len(images)} generated images"
 
 
 def verification_texts(classifier: CLIPClassifier | None) -> list[str]:

@@ -1,14 +1,33 @@
-"""orthserve: adapt CLIP with a few labelled images, fold the adapters away, serve it."""
-from .adapters import AOFTConfig, LoRAConfig, OrthogonalConfig, TaskResConfig
-from .classifier import CLIPClassifier
-from .models import WeightsUnavailableError, get_tokenizer, load_model
-from .surgery import (adapter_parameters, batched_rotations, bypass, count_trainable, fast_rotations, fold, inject,
-                      load_adapters, max_orthogonality_error, rotate_inputs, save_adapters)
+"""orthserve: adapt CLIP with a few labelled images, fold the adapters away, serve it.
+
+The names below load on first use (PEP 562), so ``import orthserve.artifact`` or ``orthserve.preprocess``
+(what the service needs) does not pull in torch, open_clip or transformers.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = [
-    "load_model", "get_tokenizer", "WeightsUnavailableError", "CLIPClassifier", "inject", "fold", "bypass", "rotate_inputs",
-    "batched_rotations", "fast_rotations", "max_orthogonality_error",
-    "save_adapters", "load_adapters", "adapter_parameters", "count_trainable",
-    "OrthogonalConfig", "LoRAConfig", "AOFTConfig", "TaskResConfig",
-]
+
+_HOMES = {
+    ".adapters": ("AOFTConfig", "LoRAConfig", "OrthogonalConfig", "TaskResConfig"),
+    ".classifier": ("CLIPClassifier",),
+    ".models": ("WeightsUnavailableError", "get_tokenizer", "load_model"),
+    ".surgery": ("adapter_parameters", "batched_rotations", "bypass", "count_trainable", "fast_rotations", "fold",
+                 "inject", "load_adapters", "max_orthogonality_error", "rotate_inputs", "save_adapters"),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
+__all__ = sorted(_HOME_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME_OF:
+        raise AttributeError(f"module 'orthserve' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOME_OF[name], __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

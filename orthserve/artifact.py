@@ -1,7 +1,7 @@
 """An exported artifact directory (ART_DIR), as export writes it and the service reads it.
 
 ART_DIR/
-  image.onnx, text.onnx          pixels / tokens -> L2-normalized embeddings (dynamic batch)
+  image.onnx, text.onnx          uint8 pixels / int64 tokens -> L2-normalized embeddings (dynamic batch)
   image.{fp16,int8}.onnx, ...    optional variants
   classifier.safetensors         class_embeddings [C, D] (TaskRes folded in), logit_scale (exponentiated)
   open_clip_model.safetensors    folded plain open_clip state_dict
@@ -23,7 +23,8 @@ import numpy as np
 
 from .preprocess import PreprocessSpec
 
-SCHEMA_VERSION = 1
+# 2: the image graph takes uint8 pixels and normalizes inside; the tokenizer ships as tokenizer.json
+SCHEMA_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 PARITY_FILE = "parity.json"
 CLASSIFIER_FILE = "classifier.safetensors"
@@ -33,7 +34,7 @@ VARIANTS = ("fp32", "fp16", "int8")
 # onnxruntime 1.31's NchwcTransformer (CPU, ORT_ENABLE_ALL) segfaults while optimizing fp16 graphs:
 # pass these as InferenceSession(..., disabled_optimizers=...) when running a variant on CPU.
 ORT_DISABLED_OPTIMIZERS = {"fp16": ["NchwcTransformer"]}
-REQUIRED_KEYS = ("schema_version", "model", "pretrained", "method", "classnames", "templates", "preprocess",
+REQUIRED_KEYS = ("schema_version", "model", "pretrained", "method", "classnames", "templates", "preprocess", "inputs",
                  "tokenizer", "embed_dim", "logit_scale", "files", "variants")
 
 
@@ -108,6 +109,10 @@ def _read_manifest(root: Path) -> dict:
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{path} is not a JSON object")
     version = manifest.get("schema_version")
+    if version == 1:
+        raise ArtifactError(f"{root} was exported by an earlier orthserve (schema_version 1: float32 pixels, no "
+                            "tokenizer.json), which this service cannot run. Re-export it: `python -m export --run "
+                            "RUN_DIR --out DIR` (or `--model NAME --pretrained TAG`); for the built-in default, `make artifact`")
     if version != SCHEMA_VERSION:
         raise ArtifactError(f"{path}: schema_version {version!r} is not supported (this orthserve reads "
                             f"{SCHEMA_VERSION}); re-export the model with this version")

@@ -5,6 +5,12 @@ open_clip's eval transform (shorter side resized to ``image_size`` with Pillow's
 bicubic filter, center crop, scale to [0, 1], normalize) without torch, so the
 service does not need torch to preprocess.  ``tests/test_preprocess.py`` checks it
 against open_clip's own transform on real photos.
+
+It comes in two halves.  :func:`to_pixels` (resize, crop) gives uint8 ``[3, H, W]``: what the exported image
+graph takes, so a GPU receives a quarter of the bytes and the CPU does no float work.  :func:`normalize`
+(scale, mean, std) is the rest, as one multiply-add with the constants of :meth:`PreprocessSpec.affine`; the
+exported graph starts with the same multiply-add (``export/towers.py``), and PyTorch callers (training,
+export's reference outputs) use :func:`preprocess`, both halves.
 """
 from __future__ import annotations
 
@@ -49,6 +55,14 @@ class PreprocessSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(scale, shift)``, float32 ``[3, 1, 1]``: normalized = uint8 pixels * scale + shift, i.e.
+        ``(pixels / 255 - mean) / std`` as one multiply-add."""
+        std = np.asarray(self.std, np.float64)
+        scale = 1.0 / (255.0 * std)
+        shift = -np.asarray(self.mean, np.float64) / std
+        return scale.astype(np.float32).reshape(3, 1, 1), shift.astype(np.float32).reshape(3, 1, 1)
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, image_size: int | None = None) -> Image.Image:
@@ -113,20 +127,34 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def preprocess(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
-    """RGB Pillow image -> float32 ``[3, H, W]`` normalized pixels."""
+def to_pixels(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """RGB Pillow image -> uint8 ``[3, H, W]``: resized and center-cropped, not yet normalized."""
     if spec.resize_mode != "shortest":
         raise ValueError(f"resize mode {spec.resize_mode!r} is not supported (only 'shortest')")
     image = center_crop(resize_shorter_side(_rgb(image), spec.image_size, spec.interpolation), spec.image_size)
-    pixels = np.asarray(image, dtype=np.float32) / 255.0
-    pixels = (pixels - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def normalize(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """uint8 ``[..., 3, H, W]`` -> float32 normalized pixels (what the PyTorch model takes)."""
+    scale, shift = spec.affine()
+    return np.ascontiguousarray(pixels.astype(np.float32) * scale + shift)
+
+
+def preprocess(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """RGB Pillow image -> float32 ``[3, H, W]`` normalized pixels."""
+    return normalize(to_pixels(image, spec), spec)
 
 
 def preprocess_batch(images: Iterable[Image.Image], spec: PreprocessSpec) -> np.ndarray:
     return np.stack([preprocess(image, spec) for image in images])
 
 
+def load_pixels(paths: Sequence[str], spec: PreprocessSpec) -> np.ndarray:
+    """Files -> uint8 ``[N, 3, H, W]``, the exported image graph's input; for verification and benchmarks."""
+    return np.stack([to_pixels(decode_image(open(p, "rb").read()), spec) for p in paths])
+
+
 def load_images(paths: Sequence[str], spec: PreprocessSpec) -> np.ndarray:
-    """Files -> ``[N, 3, H, W]``; for verification and benchmarks."""
-    return preprocess_batch((decode_image(open(p, "rb").read()) for p in paths), spec)
+    """Files -> float32 normalized ``[N, 3, H, W]``, the PyTorch model's input."""
+    return normalize(load_pixels(paths, spec), spec)

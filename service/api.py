@@ -10,18 +10,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from orthserve.preprocess import PreprocessSpec, preprocess
+from orthserve.preprocess import PreprocessSpec, to_pixels
 from service.validation import Limits, RequestError, read_image
 
 
 def prepare_images(paths: list[Path], spec: PreprocessSpec, limits: Limits) -> np.ndarray:
-    """Uploaded files -> float32 ``[N, 3, H, W]`` (decode_image + preprocess); 400 on any bad one."""
+    """Uploaded files -> uint8 ``[N, 3, H, W]`` (decode, resize, crop: the image graph normalizes); 400 on any bad one."""
     if not paths:
         raise RequestError("no images given")
     if len(paths) > limits.max_images:
         raise RequestError(f"too many images: {len(paths)}, the limit is {limits.max_images}")
     single = len(paths) == 1
-    return np.stack([preprocess(read_image(p, limits, None if single else i, spec.image_size), spec)
+    return np.stack([to_pixels(read_image(p, limits, None if single else i, spec.image_size), spec)
                      for i, p in enumerate(paths)])
 
 

@@ -29,8 +29,10 @@ def batch_size_histogram():
 class Batcher:
     """``await batcher(pixels)`` -> the encoder's output for those rows, computed in a shared batch."""
 
-    def __init__(self, encode: Callable[[np.ndarray], np.ndarray], max_batch: int) -> None:
-        self.encode, self.max_batch = encode, max_batch
+    def __init__(self, encode: Callable[[np.ndarray], np.ndarray], max_batch: int,
+                 staging: Callable[[int], np.ndarray | None] | None = None) -> None:
+        """``staging(rows)``: where to assemble a batch of that many rows (a GPU's pinned buffer), or None."""
+        self.encode, self.max_batch, self.staging = encode, max_batch, staging
         self.pending: deque[tuple[np.ndarray, asyncio.Future]] = deque()
         self.runner: asyncio.Task | None = None
         self.thread = anyio.CapacityLimiter(1)  # the model gets its own thread, never queued behind decoding
@@ -54,7 +56,8 @@ class Batcher:
 
     async def run(self) -> None:
         while jobs := self.next_batch():
-            batch = np.concatenate([pixels for pixels, _ in jobs]) if len(jobs) > 1 else jobs[0][0]
+            batch = jobs[0][0] if len(jobs) == 1 else np.concatenate(
+                [pixels for pixels, _ in jobs], out=self.staging(sum(len(p) for p, _ in jobs)) if self.staging else None)
             batch_size_histogram().observe(len(batch))
             try:
                 out = await anyio.to_thread.run_sync(self.encode, batch, limiter=self.thread)

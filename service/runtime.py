@@ -8,6 +8,9 @@ Environment (all optional):
                        are cached, and int8 text loses the most agreement: bench/results/inference.md)
   ORTHSERVE_WORKERS    service processes (default: 1 with a GPU, else one per CPU up to 4)
   ORTHSERVE_THREADS    intra-op threads per session (default: the CPUs divided among the workers)
+  ORTHSERVE_MAX_BATCH_SIZE  the most images per image-encoder call (default: 256 on a GPU, 32 on CPU)
+  ORTHSERVE_CUDA_GRAPHS     1: CUDA graphs per batch-size bucket on the CUDA provider (service/gpu.py)
+  ORTHSERVE_TRT_CACHE       TensorRT engine cache folder (default: ~/.cache/orthserve/tensorrt)
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import onnxruntime as ort
 
 from orthserve.artifact import Artifact, load_artifact, ort_session
 from orthserve.preprocess import PreprocessSpec
+from service import gpu
 
 log = logging.getLogger("orthserve.service")
 REPO = Path(__file__).resolve().parents[1]
@@ -133,6 +137,13 @@ def default_workers() -> int:
     return 1 if _gpu_present() else min(4, available_cpus())
 
 
+def default_max_batch() -> int:
+    """``ORTHSERVE_MAX_BATCH_SIZE``, else 256 images on a GPU (large batches are where it is fast) and 32 on CPU."""
+    if value := os.environ.get("ORTHSERVE_MAX_BATCH_SIZE", "").strip():
+        return max(1, int(value))
+    return 256 if _gpu_present() else 32
+
+
 def default_threads() -> int:
     """``ORTHSERVE_THREADS``, else this worker's share of the CPUs (the workers' sessions must not oversubscribe)."""
     if value := os.environ.get("ORTHSERVE_THREADS", "").strip():
@@ -140,22 +151,54 @@ def default_threads() -> int:
     return max(1, available_cpus() // default_workers())
 
 
+INPUT_DTYPES = {"tensor(uint8)": np.uint8, "tensor(int64)": np.int64, "tensor(float)": np.float32}
+
+
 class OnnxEncoder:
-    """One onnxruntime session: float32/int64 batch in, float32 ``[N, D]`` embeddings out."""
+    """One onnxruntime session: a uint8 pixel or int64 token batch in, float32 ``[N, D]`` embeddings out."""
 
     def __init__(self, artifact: Artifact, component: str, providers: Sequence[str] | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, max_batch: int = 256) -> None:
         providers = list(providers or choose_providers())
-        self.variant = choose_variant(artifact, component, on_gpu=providers[0] in GPU_PROVIDERS)
+        on_gpu = providers[0] in GPU_PROVIDERS
+        self.variant = choose_variant(artifact, component, on_gpu=on_gpu)
         self.path = artifact.onnx_path(component, self.variant)
-        # no busy-waiting threads: the API worker decodes images on the same cores (+13-35% req/s, 2 CPUs)
-        self.session = ort_session(self.path, self.variant, providers, threads or default_threads(), spinning=False)
+        graphs = on_gpu and component == "image" and gpu.cuda_graphs_wanted()
+        try:
+            self.session = self._open(artifact, component, providers, threads, max_batch, graphs)
+        except Exception as err:  # noqa: BLE001 - e.g. a node on the CPU provider: no CUDA graph possible
+            if not graphs:
+                raise
+            log.warning("CUDA graphs refused (%s); running without them", str(err).splitlines()[0][:200])
+            graphs = False
+            self.session = self._open(artifact, component, providers, threads, max_batch, graphs)
         self.providers = self.session.get_providers()  # what actually loaded (ORT falls back to CPU)
         self.input = self.session.get_inputs()[0].name
+        self.dtype = INPUT_DTYPES[self.session.get_inputs()[0].type]
+        # on a GPU: IO binding with pinned host buffers (service/gpu.py); on CPU, session.run
+        self.bound = gpu.BoundRunner(self.session, max_batch, graphs=graphs) \
+            if self.providers[0] in GPU_PROVIDERS else None
         self.lock = threading.Lock()  # one run at a time: the session already uses every thread it has
 
+    def _open(self, artifact: Artifact, component: str, providers: list[str], threads: int | None,
+              max_batch: int, graphs: bool):
+        row = artifact.manifest["inputs"][component]["shape"][1:]
+        name = artifact.manifest["inputs"][component]["name"]
+        with_options = [(p, gpu.provider_options(p, name, row, max_batch, graphs)) if p in GPU_PROVIDERS else p
+                        for p in providers]
+        # no busy-waiting threads: the API worker decodes images on the same cores (+13-35% req/s, 2 CPUs)
+        return ort_session(self.path, self.variant, with_options, threads or default_threads(), spinning=False)
+
+    def staging(self, rows: int) -> np.ndarray | None:
+        """On a GPU, the pinned buffer the next batch of ``rows`` can be assembled in (no extra copy), else None."""
+        return self.bound.staging[:rows] if self.bound is not None and rows <= self.bound.max_batch else None
+
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if batch.dtype != self.dtype:  # e.g. float pixels into the uint8 graph: a caller's bug, not a cast
+            raise TypeError(f"{self.path.name} takes {np.dtype(self.dtype).name}, got {batch.dtype.name}")
         with self.lock:
+            if self.bound is not None:
+                return self.bound(batch)
             (out,) = self.session.run(None, {self.input: batch})
         return np.asarray(out, dtype=np.float32)
 
@@ -163,15 +206,18 @@ class OnnxEncoder:
 class ImageModel:
     """The image encoder of an artifact, warmed up."""
 
-    def __init__(self, artifact: Artifact | None = None) -> None:
+    def __init__(self, artifact: Artifact | None = None, max_batch: int | None = None) -> None:
         self.artifact = artifact or open_artifact()
         self.spec: PreprocessSpec = self.artifact.preprocess
-        self.encoder = OnnxEncoder(self.artifact, "image")
-        self.encode(np.zeros((2, 3, self.spec.image_size, self.spec.image_size), np.float32))  # warm-up
+        self.max_batch = max_batch or default_max_batch()
+        self.encoder = OnnxEncoder(self.artifact, "image", max_batch=self.max_batch)
+        self.staging = self.encoder.staging
+        self.encode(np.zeros((2, 3, self.spec.image_size, self.spec.image_size), np.uint8))  # warm-up
         log.info("image encoder %s (%s) on %s", self.encoder.path.name, self.encoder.variant, self.encoder.providers)
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
-        return self.encoder(np.ascontiguousarray(pixels, dtype=np.float32))
+        """uint8 ``[N, 3, H, W]`` (``orthserve.preprocess.to_pixels``) -> normalized embeddings."""
+        return self.encoder(np.ascontiguousarray(pixels))
 
 
 class TextModel:

@@ -15,7 +15,6 @@ from service.batching import Batcher
 from service.runtime import ImageModel, TextModel, default_workers, open_artifact, rank, resolve_model
 from service.validation import Limits, RequestError, RequestGuard, check_texts, check_top_k, json_errors
 
-MAX_BATCH = int(os.environ.get("ORTHSERVE_MAX_BATCH_SIZE", "32"))
 # Threads for decoding, preprocessing and the text tower.  anyio's default is 40; on a small machine that
 # only adds contention, and each thread's malloc arena adds resident memory (about +250 MB under load).
 WORK_THREADS = int(os.environ.get("ORTHSERVE_WORK_THREADS", str(max(4, 2 * (os.cpu_count() or 1)))))
@@ -43,7 +42,8 @@ class Classifier:
         self.limits = Limits.from_env()
         self.artifact = artifact()
         self.image = ImageModel(self.artifact)
-        self.batcher = Batcher(self.image.encode, MAX_BATCH)  # adaptive batching of the image tower
+        # adaptive batching of the image tower, batches assembled in its pinned buffer on a GPU
+        self.batcher = Batcher(self.image.encode, self.image.max_batch, self.image.staging)
         self.text = TextModel(self.artifact, int(os.environ.get("ORTHSERVE_LABEL_CACHE", "256")))
         self.name, self.ready = str(self.artifact.manifest.get("model")), True
         self._threads: anyio.CapacityLimiter | None = None  # made on first use, inside the event loop

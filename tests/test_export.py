@@ -19,6 +19,7 @@ from export import towers, verify
 from conftest import REPO, requires_data
 from export_helpers import CLASSES, METHODS, TINY, base_checkpoint, make_run
 from orthserve.artifact import load_artifact
+from orthserve.preprocess import normalize
 from orthserve.runs import load_run
 
 TOLERANCE = 1e-4
@@ -68,13 +69,14 @@ def check_against_unfolded(artifact, run_dir) -> None:
     for key in ("image", "text", "classifier"):
         assert parity[key]["max_abs_diff"] <= TOLERANCE, (key, parity[key])
     classifier, info = load_run(run_dir)
-    images, _ = verify.verification_images(artifact.preprocess)
+    pixels, _ = verify.verification_images(artifact.preprocess)  # uint8: the graph normalizes
+    images = normalize(pixels, artifact.preprocess)
     tokens = artifact.tokenize(["a photo of a bee.", "x", "a long " * 40])
     with torch.no_grad():
         image_ref = F.normalize(classifier.model.encode_image(torch.from_numpy(images)), dim=-1).numpy()
         text_ref = F.normalize(classifier.model.encode_text(torch.from_numpy(tokens)), dim=-1).numpy()
         logits_ref = classifier(torch.from_numpy(images)).numpy()
-    image = onnx_embed(artifact, "image", images)
+    image = onnx_embed(artifact, "image", pixels)
     np.testing.assert_allclose(image, image_ref, atol=TOLERANCE)
     np.testing.assert_allclose(onnx_embed(artifact, "text", tokens), text_ref, atol=TOLERANCE)
     logits = artifact.logit_scale * image @ artifact.class_embeddings.T
@@ -274,7 +276,21 @@ def test_variant_figures(all_artifact):
         assert all_artifact.onnx_path("image", variant).stat().st_size < all_artifact.onnx_path("image").stat().st_size
     int8 = onnx_embed(all_artifact, "image", images, "int8")  # the service runs it with default options
     assert verify.cosine_stats(int8, fp32)["cosine_min"] >= 0.98
-    assert onnx.load(str(all_artifact.onnx_path("image", "fp16"))).graph.input[0].type.tensor_type.elem_type == 1
+
+
+def test_image_graphs_take_uint8_pixels_and_normalize_inside(all_artifact):
+    """A quarter of the bytes of float32 pixels cross to the device; the fp16 graph normalizes in fp16."""
+    assert all_artifact.manifest["inputs"]["image"]["dtype"] == "uint8"
+    for variant in ("fp32", "fp16", "int8"):
+        graph = onnx.load(str(all_artifact.onnx_path("image", variant))).graph
+        assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8, variant
+        assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT, variant
+        (cast,) = [n for n in graph.node if graph.input[0].name in n.input and n.op_type == "Cast"]
+        to = {a.name: a.i for a in cast.attribute}["to"]
+        assert to == (onnx.TensorProto.FLOAT16 if variant == "fp16" else onnx.TensorProto.FLOAT), variant
+    pixels, _ = verify.verification_images(all_artifact.preprocess)
+    with pytest.raises(Exception, match="(?i)type|uint8"):  # float pixels are refused, not reinterpreted
+        onnx_embed(all_artifact, "image", pixels.astype(np.float32))
 
 
 @requires_data
@@ -305,10 +321,11 @@ def test_int8_fidelity_benchmark_on_an_artifact(all_artifact, tmp_path):
 def test_open_clip_checkpoint_loads(all_artifact):
     """The folded weights run anywhere open_clip runs: no orthserve code involved."""
     model = open_clip.create_model(TINY, pretrained=str(all_artifact.root / "open_clip_model.safetensors")).eval()
-    images, _ = verify.verification_images(all_artifact.preprocess)
+    pixels, _ = verify.verification_images(all_artifact.preprocess)
     with torch.no_grad():
-        embeddings = F.normalize(model.encode_image(torch.from_numpy(images)), dim=-1).numpy()
-    np.testing.assert_allclose(embeddings, onnx_embed(all_artifact, "image", images), atol=TOLERANCE)
+        images = torch.from_numpy(normalize(pixels, all_artifact.preprocess))
+        embeddings = F.normalize(model.encode_image(images), dim=-1).numpy()
+    np.testing.assert_allclose(embeddings, onnx_embed(all_artifact, "image", pixels), atol=TOLERANCE)
 
 
 def test_dynamic_batch_and_opset(all_artifact):
@@ -316,7 +333,7 @@ def test_dynamic_batch_and_opset(all_artifact):
     assert model.opset_import[0].version >= 17 and all_artifact.manifest["opset"] >= 17
     assert model.graph.input[0].name == "pixels" and model.graph.output[0].name == "embeddings"
     for batch in (1, 5):
-        pixels = np.random.default_rng(batch).standard_normal((batch, 3, 64, 64)).astype(np.float32)
+        pixels = np.random.default_rng(batch).integers(0, 256, (batch, 3, 64, 64), np.uint8)
         out = onnx_embed(all_artifact, "image", pixels)
         assert out.shape == (batch, all_artifact.manifest["embed_dim"])
         np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)

@@ -78,7 +78,7 @@ def test_damaged_artifact_refused(artifact_dir, tmp_path, damage, message):
 
 def test_interrupted_export_leaves_nothing(artifact_dir, tmp_path, monkeypatch):
     """Ctrl-C while a graph is being written: no half artifact, no temporary directory."""
-    def interrupted(model, component, example, path, opset):
+    def interrupted(model, component, example, path, spec, opset):
         path.write_bytes(b"half a graph")
         raise KeyboardInterrupt
 

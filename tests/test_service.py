@@ -288,11 +288,11 @@ def test_provider_and_variant_choice(artifact_dir, monkeypatch):
 def test_every_variant_runs_on_cpu_and_agrees_with_fp32(artifact_dir, monkeypatch, variant):
     """fp16 on CPU used to crash onnxruntime 1.31 (NchwcTransformer); ort_session disables it."""
     from orthserve.artifact import load_artifact
-    from orthserve.preprocess import load_images
+    from orthserve.preprocess import load_pixels
     from service.runtime import OnnxEncoder
 
     art = load_artifact(artifact_dir)
-    pixels = load_images([str(p) for p in photos(4)], art.preprocess)
+    pixels = load_pixels([str(p) for p in photos(4)], art.preprocess)
     monkeypatch.setenv("ORTHSERVE_VARIANT", "fp32")
     reference = OnnxEncoder(art, "image", providers=["CPUExecutionProvider"])(pixels)
     monkeypatch.setenv("ORTHSERVE_VARIANT", variant)
@@ -463,3 +463,47 @@ def test_a_fresh_clone_without_a_model_says_which_command_makes_one(tmp_path, mo
     with pytest.raises(FileNotFoundError, match="make artifact") as raised:
         runtime.resolve_model()
     assert "ORTHSERVE_MODEL=DIR" in str(raised.value)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_bound_runner_matches_session_run(artifact_dir, graphs):
+    """The GPU path's IO binding (service/gpu.py), run on the CPU provider: same embeddings as session.run for
+    batches below, at and above the largest batch, from the staging buffer or not; with buckets, padded rows
+    are dropped.  (Pinning and CUDA graphs themselves need a GPU: bench/gpu_check.sh.)"""
+    from orthserve.artifact import load_artifact, ort_session
+    from orthserve.preprocess import load_pixels
+    from service.gpu import BoundRunner, buckets
+
+    art = load_artifact(artifact_dir)
+    session = ort_session(art.onnx_path("image"), providers=["CPUExecutionProvider"], threads=1)
+    runner = BoundRunner(session, max_batch=4, device="cpu", graphs=graphs)
+    assert buckets(4) == [1, 2, 4] and buckets(6) == [1, 2, 4, 6]
+    assert sorted(runner.graphs) == ([1, 2, 4] if graphs else []) and runner.pinned is False  # no CUDA here
+    pixels = np.concatenate([load_pixels([str(p) for p in photos(4)], art.preprocess)] * 2)[:7]
+    for rows in (1, 3, 4, 7):
+        expected = session.run(None, {"pixels": pixels[:rows]})[0]
+        np.testing.assert_allclose(runner(pixels[:rows]), expected, atol=1e-6)
+    staged = runner.staging[:2]
+    np.copyto(staged, pixels[2:4])  # assembled in place, as the batcher does on a GPU
+    np.testing.assert_allclose(runner(staged), session.run(None, {"pixels": pixels[2:4]})[0], atol=1e-6)
+
+
+def test_batcher_assembles_batches_in_the_staging_buffer():
+    from service.batching import Batcher
+
+    buffer = np.zeros((8, 2), np.float32)
+    seen: list[bool] = []
+
+    def encode(batch: np.ndarray) -> np.ndarray:
+        seen.append(np.shares_memory(batch, buffer))
+        time.sleep(0.02)
+        return batch.copy()
+
+    async def main():
+        batcher = Batcher(encode, max_batch=8, staging=lambda rows: buffer[:rows])
+        inputs = [np.full((n, 2), i, np.float32) for i, n in enumerate([1, 2, 3])]
+        outputs = await asyncio.gather(*(batcher(x) for x in inputs))
+        assert all((y == x).all() for x, y in zip(inputs, outputs))
+
+    asyncio.run(main())
+    assert seen == [True]  # all three were queued before the model ran: merged in the buffer, no second copy

@@ -19,7 +19,7 @@ import onnxruntime as ort
 import pytest
 
 from orthserve.artifact import load_artifact
-from orthserve.preprocess import decode_image, preprocess
+from orthserve.preprocess import decode_image, to_pixels
 from service_helpers import PHOTOS, REPO, export_tiny, photos
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not PHOTOS.is_dir(), reason=f"no photos at {PHOTOS}")]
@@ -82,7 +82,7 @@ def direct(artifact_dir):
     text = ort.InferenceSession(str(art.onnx_path("text")), providers=["CPUExecutionProvider"])
 
     def embed_images(datas: list[bytes]) -> np.ndarray:
-        pixels = np.stack([preprocess(decode_image(d), art.preprocess) for d in datas])
+        pixels = np.stack([to_pixels(decode_image(d), art.preprocess) for d in datas])
         return image.run(None, {"pixels": pixels})[0]
 
     def embed_texts(texts: list[str]) -> np.ndarray:
