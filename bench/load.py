@@ -14,6 +14,9 @@ the image encoder (from the server's /metrics, before/after difference) in bench
                   sequentially, on all the CPUs; --rounds (3) alternating raw and service rounds share --seconds;
                   ratio service / raw = the median of the per-round ratios.
                   Target: >= 0.85x at concurrency >= 8.
+--client urllib   the clients are threads of Python's urllib (a new connection per request, the body built per
+                  request, as a plain script posts photos) instead of aiohttp coroutines on kept-alive
+                  connections; the client's CPU time is recorded either way (it shares the machine's cores).
 --zero-shot-check /classify with one repeated label set (cached after the first request) against /embed_image
                   alone, same concurrency, alternating rounds. Target: at most 5% slower.
 Combined figures: bench/results/service_vs_raw.json, .md and .png.
@@ -113,8 +116,40 @@ def load_photos(n_images: int) -> tuple[bytes, ...]:
     return images
 
 
+def urllib_workers(url: str, endpoint: str, photos: tuple[bytes, ...], labels: str | None, concurrency: int,
+                   deadline: float, latencies: list[float], errors: list[str]) -> None:
+    """``concurrency`` threads of urllib, each posting until ``deadline``: a new connection and a freshly built
+    multipart body per request."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    def loop(offset: int) -> None:
+        i = offset
+        while time.monotonic() < deadline:
+            body, ctype = multipart(photos[i % len(photos)], labels)
+            i += 1
+            request = urllib.request.Request(url + endpoint, data=body, headers={"Content-Type": ctype})
+            start = time.perf_counter()
+            try:
+                with urllib.request.urlopen(request, timeout=60) as r:
+                    r.read()
+                latencies.append(time.perf_counter() - start)
+            except urllib.error.HTTPError as err:
+                errors.append(f"{err.code}: {err.read()[:200]!r}")
+            except OSError as err:
+                errors.append(f"{type(err).__name__}: {err}")
+
+    threads = [threading.Thread(target=loop, args=(k * 7,)) for k in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 async def run(url: str, concurrency: int, seconds: float, n_images: int, labels: str | None,
-              endpoint: str = "/classify", server_pid: int | None = None, keep_latencies: bool = False) -> dict:
+              endpoint: str = "/classify", server_pid: int | None = None, keep_latencies: bool = False,
+              client_kind: str = "aiohttp") -> dict:
     """``concurrency`` clients posting photos for ``seconds``; ``keep_latencies``: every latency under
     ``_latencies_ms`` too (for merge_runs)."""
     bodies = [multipart(data, labels) for data in load_photos(n_images)]
@@ -131,14 +166,19 @@ async def run(url: str, concurrency: int, seconds: float, n_images: int, labels:
         latencies: list[float] = []
         errors: list[str] = []
         cpu0, start = cpu_seconds(server_pid), time.monotonic()
-        await asyncio.gather(*(worker(client, bodies, start + seconds, k * 7, latencies, errors, endpoint)
-                               for k in range(concurrency)))
+        if client_kind == "urllib":
+            await asyncio.to_thread(urllib_workers, url, endpoint, load_photos(n_images), labels, concurrency,
+                                    start + seconds, latencies, errors)
+        else:
+            await asyncio.gather(*(worker(client, bodies, start + seconds, k * 7, latencies, errors, endpoint)
+                                   for k in range(concurrency)))
         elapsed, cpu1 = time.monotonic() - start, cpu_seconds(server_pid)
         sum1, count1 = await batch_counters(client)
     lat_ms = np.asarray(latencies) * 1000 if latencies else np.asarray([np.nan])
     batches = count1 - count0
     result = {
-        "url": url, "endpoint": endpoint, "labels": labels, "concurrency": concurrency, "seconds": round(elapsed, 2),
+        "url": url, "endpoint": endpoint, "labels": labels, "client": client_kind, "concurrency": concurrency,
+        "seconds": round(elapsed, 2),
         "requests_ok": len(latencies), "errors": len(errors), "error_samples": sorted(set(errors))[:5],
         "throughput_rps": round(len(latencies) / elapsed, 2),
         "latency_ms": {"p50": round(float(np.percentile(lat_ms, 50)), 2), "p99": round(float(np.percentile(lat_ms, 99)), 2),
@@ -238,7 +278,7 @@ def verdict(ok: bool) -> str:
 
 
 def write_summary(summary: dict, out_dir: Path) -> Path:
-    stem = out_dir / "service_vs_raw"
+    stem = out_dir / f"service_vs_raw{'_' + summary['tag'] if summary.get('tag') else ''}"
     stem.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [f"# Service vs raw onnxruntime session: {summary['model']}", ""]
     if summary["scale"] == "smoke":
@@ -273,7 +313,8 @@ def write_summary(summary: dict, out_dir: Path) -> Path:
                   "alternating: embed first, then classify first) of "
                   "(/classify req/s) / (/embed_image req/s), after one untimed /classify round that fills every "
                   "worker's label cache.", ""]
-    lines += [f"Model {summary['model']}, image variant {summary['variant']}, {summary['machine']}; {summary['created']}.",
+    lines += [f"Client: {summary.get('client', 'aiohttp')}; labels: {summary.get('labels') or 'none (the model classes)'}.",
+              f"Model {summary['model']}, image variant {summary['variant']}, {summary['machine']}; {summary['created']}.",
               "Raw session: in this process, batches of `concurrency` photos decoded and preprocessed one after another "
               "(orthserve.preprocess), then one `session.run` (orthserve.artifact.ort_session, intra-op threads on all the "
               "CPUs). Service: POST /classify over loopback HTTP (multipart upload, validation, adaptive batching, "
@@ -315,7 +356,7 @@ def measure(server, artifact: Path | None, c: int, seconds: float, scale: str, a
         if args.compare_raw:
             raws.append(raw_session(artifact, args.variant, c, seconds / rounds, args.images))
         services.append(asyncio.run(run(server.url, c, seconds / rounds, args.images, args.labels,
-                                        args.endpoint, server.pid, keep_latencies=True)))
+                                        args.endpoint, server.pid, keep_latencies=True, client_kind=args.client)))
     result = merge_runs(services)
     result["scale"] = scale
     stem = write(result, args.out)
@@ -349,11 +390,14 @@ def main() -> None:
     parser.add_argument("--labels", help='zero-shot labels as a JSON list, e.g. \'["ant", "bee"]\'')
     parser.add_argument("--variant", default="fp32", choices=["fp32", "int8"],
                         help="image variant (with --serve it is passed to the server as ORTHSERVE_VARIANT)")
+    parser.add_argument("--client", default="aiohttp", choices=["aiohttp", "urllib"],
+                        help="aiohttp coroutines on kept-alive connections, or threads of urllib (a connection each)")
     parser.add_argument("--compare-raw", action="store_true", help="also the raw onnxruntime session, in process")
     parser.add_argument("--rounds", type=int, default=3, help="with --compare-raw: alternating raw/service rounds")
     parser.add_argument("--zero-shot-check", action="store_true", help="/classify + repeated labels vs /embed_image")
     parser.add_argument("--zero-shot-labels", default=DEFAULT_LABELS)
     parser.add_argument("--smoke", action="store_true", help="short run, results labelled smoke-scale")
+    parser.add_argument("--tag", default="", help="summary written as service_vs_raw_TAG.* (default service_vs_raw.*)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
     seconds = args.seconds or (5.0 if args.smoke else 20.0)
@@ -394,7 +438,8 @@ def main() -> None:
             print(json.dumps({k: v for k, v in zero_shot.items() if k != "runs"}))
     if args.compare_raw or args.zero_shot_check:
         model = rows[0]["service"]["model"] if rows else (zero_shot or {}).get("runs", {}).get("embed_image", [{}])[0].get("model")
-        summary = {"scale": scale, "model": model, "variant": args.variant, "seconds_per_measurement": seconds,
+        summary = {"scale": scale, "tag": args.tag, "model": model, "variant": args.variant, "client": args.client,
+                   "labels": args.labels, "seconds_per_measurement": seconds,
                    "rounds": args.rounds if args.compare_raw else 1,
                    "rows": rows, "zero_shot": zero_shot,
                    "targets": {"service_over_raw_at_c>=8": TARGET_SERVICE_RATIO,

@@ -24,7 +24,8 @@ from safetensors.torch import save_file
 
 import orthserve
 from orthserve.artifact import (CHECKPOINT_FILE, CLASSIFIER_FILE, COMPONENTS, MANIFEST_FILE, PARITY_FILE,
-                                SCHEMA_VERSION, file_entries, onnx_file)
+                                SCHEMA_VERSION, TOKENIZER_FILE, file_entries, onnx_file)
+from orthserve.tokenizer import load_tokenizer, write_tokenizer
 from orthserve.preprocess import normalize
 
 from . import verify
@@ -101,6 +102,21 @@ def _checked(what: str, exported, reference, tolerance: float) -> dict[str, floa
     return {"max_abs_diff": diff}
 
 
+def _export_tokenizer(source: Source, root: Path, texts: list[str], tokens: torch.Tensor) -> dict:
+    """tokenizer.json for the service (HF tokenizers, no torch), checked against the model's own tokenizer on the
+    verification texts (prompts, a one-letter text, one longer than the context) and a few awkward ones."""
+    info = write_tokenizer(source.tokenizer, root / TOKENIZER_FILE, int(tokens.shape[1]))
+    served = load_tokenizer(root / TOKENIZER_FILE, info)
+    awkward = ["", "  ", "Crème brûlée", "rock &amp; roll", "日本の猫", "ﬁsh 🐟", "“quoted”", "a-b_c/d"]
+    expected = np.concatenate([tokens.numpy(), np.asarray(source.tokenizer(awkward), dtype=np.int64)])
+    got = np.asarray(served(texts + awkward), dtype=np.int64)
+    if got.shape != expected.shape or not (got == expected).all():
+        rows = [t for t, a, b in zip(texts + awkward, got, expected) if a.shape != b.shape or (a != b).any()]
+        raise VerificationError(f"verification failed: {TOKENIZER_FILE} tokenizes differently from the model's "
+                                f"tokenizer, e.g. {rows[:3]!r}")
+    return info
+
+
 def build(source: Source, root: Path, variants: Sequence[str] = (), images_dir: str | Path | None = None,
           tolerance: float = DEFAULT_TOLERANCE, opset: int = DEFAULT_OPSET) -> dict:
     """Write a complete artifact into the empty directory ``root``; returns the manifest."""
@@ -123,6 +139,8 @@ def build(source: Source, root: Path, variants: Sequence[str] = (), images_dir: 
         nodes[component] = len(onnx.load(str(path), load_external_data=False).graph.node)
         parity[component] = _checked(component, fp32[component], ref[component], tolerance)
     files = [onnx_file(c) for c in COMPONENTS]
+    tokenizer = _export_tokenizer(source, root, texts, tokens)
+    files.append(TOKENIZER_FILE)
     if source.classifier is not None:
         rebuilt = verify.class_matrix(torch.from_numpy(fp32["text"]), source.classifier)
         parity["classifier"] = _checked("classifier", rebuilt, ref["classes"], tolerance)
@@ -158,7 +176,7 @@ def build(source: Source, root: Path, variants: Sequence[str] = (), images_dir: 
         "preprocess": source.preprocess.to_dict(),
         "inputs": {"image": {"name": INPUT_NAMES["image"], "dtype": "uint8", "shape": ["batch", *images.shape[1:]]},
                    "text": {"name": INPUT_NAMES["text"], "dtype": "int64", "shape": ["batch", int(tokens.shape[1])]}},
-        "tokenizer": {"model": source.name, "context_length": int(tokens.shape[1])},
+        "tokenizer": {"model": source.name, **tokenizer},
         "embed_dim": int(fp32["image"].shape[1]),
         "logit_scale": float(ref["logit_scale"]),
         "opset": opset,

@@ -3,6 +3,7 @@
 ART_DIR/
   image.onnx, text.onnx          uint8 pixels / int64 tokens -> L2-normalized embeddings (dynamic batch)
   image.{fp16,int8}.onnx, ...    optional variants
+  tokenizer.json                 the text tower's tokenizer (HF tokenizers): the service needs no torch to tokenize
   classifier.safetensors         class_embeddings [C, D] (TaskRes folded in), logit_scale (exponentiated)
   open_clip_model.safetensors    folded plain open_clip state_dict
   parity.json                    verification figures
@@ -29,6 +30,7 @@ MANIFEST_FILE = "manifest.json"
 PARITY_FILE = "parity.json"
 CLASSIFIER_FILE = "classifier.safetensors"
 CHECKPOINT_FILE = "open_clip_model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
 COMPONENTS = ("image", "text")
 VARIANTS = ("fp32", "fp16", "int8")
 # onnxruntime 1.31's NchwcTransformer (CPU, ORT_ENABLE_ALL) segfaults while optimizing fp16 graphs:
@@ -87,13 +89,13 @@ class Artifact:
         return int(self.manifest["tokenizer"]["context_length"])
 
     def tokenize(self, texts: Sequence[str]) -> np.ndarray:
-        """Texts -> int64 token ids ``[N, context_length]``, with the model's own tokenizer."""
+        """Texts -> int64 token ids ``[N, context_length]``, from the artifact's tokenizer.json (no torch)."""
         if self._tokenizer is None:
-            from .models import get_tokenizer  # torch + open_clip: only when text is needed
+            from .tokenizer import load_tokenizer
 
-            self._tokenizer = get_tokenizer(self.manifest["tokenizer"]["model"])
-        tokens = self._tokenizer(list(texts), context_length=self.context_length)
-        return np.asarray(tokens, dtype=np.int64)
+            info = self.manifest["tokenizer"]
+            self._tokenizer = load_tokenizer(self.root / info["file"], info)
+        return np.asarray(self._tokenizer(list(texts)), dtype=np.int64)
 
 
 def _read_manifest(root: Path) -> dict:
@@ -119,6 +121,11 @@ def _read_manifest(root: Path) -> dict:
     missing = [key for key in REQUIRED_KEYS if key not in manifest]
     if missing:
         raise ArtifactError(f"{path} lacks required keys {missing}")
+    tokenizer = manifest["tokenizer"]
+    if not isinstance(tokenizer, dict) or tokenizer.get("file") not in manifest["files"]:
+        raise ArtifactError(f"{root} has no {TOKENIZER_FILE} listed in its manifest: without it the service would need "
+                            "torch to tokenize. Re-export it with this orthserve (`python -m export ...`, or "
+                            "`make artifact` for the built-in default)")
     return manifest
 
 

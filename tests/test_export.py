@@ -278,6 +278,16 @@ def test_variant_figures(all_artifact):
     assert verify.cosine_stats(int8, fp32)["cosine_min"] >= 0.98
 
 
+def test_the_tokenizer_ships_in_the_artifact(all_artifact):
+    """tokenizer.json is listed and hashed like every file; the artifact tokenizes as open_clip does."""
+    entry = all_artifact.manifest["tokenizer"]
+    assert entry["file"] == "tokenizer.json" and "tokenizer.json" in all_artifact.manifest["files"]
+    assert entry["kind"] == "clip-bpe" and entry["context_length"] == all_artifact.context_length
+    texts = ["a photo of a bee.", "", "Crème brûlée &amp; 日本", "long " * 100]
+    expected = open_clip.get_tokenizer(TINY)(texts, context_length=all_artifact.context_length).numpy()
+    np.testing.assert_array_equal(all_artifact.tokenize(texts), expected)
+
+
 def test_image_graphs_take_uint8_pixels_and_normalize_inside(all_artifact):
     """A quarter of the bytes of float32 pixels cross to the device; the fp16 graph normalizes in fp16."""
     assert all_artifact.manifest["inputs"]["image"]["dtype"] == "uint8"

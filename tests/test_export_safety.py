@@ -47,7 +47,8 @@ def test_manifest_round_trip(artifact_dir):
         assert key in manifest, key
     assert artifact.classnames == CLASSES and artifact.templates == TEMPLATES
     assert artifact.preprocess == PreprocessSpec.from_dict(manifest["preprocess"])
-    assert artifact.preprocess.image_size == 64 and manifest["tokenizer"] == {"model": TINY, "context_length": 32}
+    assert artifact.preprocess.image_size == 64 and manifest["tokenizer"] == {
+        "model": TINY, "file": "tokenizer.json", "kind": "clip-bpe", "clean": "lower", "context_length": 32, "pad_id": 0}
     assert artifact.class_embeddings.shape == (3, manifest["embed_dim"]) and artifact.class_embeddings.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(artifact.class_embeddings, axis=1), 1.0, atol=1e-5)
     assert artifact.logit_scale == pytest.approx(manifest["logit_scale"])
@@ -121,7 +122,7 @@ def test_rerun_replaces_cleanly(artifact_dir, tmp_path):
     assert artifact.variants("image") == artifact.variants("text") == ["fp32", "int8"]
     assert sorted(p.name for p in out.iterdir()) == [
         "image.int8.onnx", "image.onnx", "manifest.json", "open_clip_model.safetensors", "parity.json",
-        "text.int8.onnx", "text.onnx"]
+        "text.int8.onnx", "text.onnx", "tokenizer.json"]
     assert leftovers(out) == []
 
 

@@ -507,3 +507,34 @@ def test_batcher_assembles_batches_in_the_staging_buffer():
 
     asyncio.run(main())
     assert seen == [True]  # all three were queued before the model ran: merged in the buffer, no second copy
+
+
+def test_the_service_imports_and_tokenizes_without_torch(artifact_dir):
+    """The Bento carries no torch, open_clip or transformers (bentofile.yaml): the service must not need them."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import service.service as s; ids = s.artifact().tokenize(['a photo of a bee.', '']); "
+            "assert ids.shape == (2, s.artifact().context_length), ids.shape; "
+            "print(sorted(m for m in ('torch', 'open_clip', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "ORTHSERVE_MODEL": str(artifact_dir)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_an_artifact_from_an_older_orthserve_is_refused_with_the_fix(artifact_dir, tmp_path):
+    import shutil
+
+    from orthserve.artifact import ArtifactError, load_artifact
+
+    old = tmp_path / "old"
+    shutil.copytree(artifact_dir, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 1}))
+    with pytest.raises(ArtifactError, match=r"schema_version 1.*Re-export.*python -m export"):
+        load_artifact(old)
+    del manifest["files"]["tokenizer.json"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"no tokenizer.json.*Re-export"):
+        load_artifact(old)
