@@ -7,7 +7,8 @@ For the checkout's ``bentofile.yaml`` it measures:
   environment  a fresh virtualenv with exactly the Bento's ``python.packages`` installed (what its image installs
                on top of the OS layer): size on disk, number of distributions, whether torch is among them
   bento        ``bentoml build`` into a throwaway BentoML home holding the artifact as ``orthserve:latest``:
-               the Bento's size (source + model)
+               the Bento's own size (code and settings; BentoML 1.4 keeps the model beside it, in the model
+               store, and adds it when the Bento is exported or containerized: ``model MB``, the artifact)
   cold start   ``bentoml serve`` in that environment, from the command to the first 200 of ``/readyz``
                (median of ``--starts`` starts; each one a new process tree), and the modules its service imports
 Results are merged into ``bench/results/bento_footprint.{json,md}`` under the label, so two runs (before and
@@ -98,8 +99,10 @@ def bento_size(venv: Path, repo: Path, artifact: Path) -> float:
     home = Path(tempfile.mkdtemp(prefix="bentoml-home-"))
     env = {**os.environ, "BENTOML_HOME": str(home), "PYTHONPATH": str(repo)}
     try:
-        store = ("import json, sys; from pathlib import Path; from export.bento import store; "
-                 f"a = Path({str(artifact)!r}); store('orthserve', a, json.loads((a / 'manifest.json').read_text()))")
+        # what `python -m export --bento-model orthserve` stores, without export's torch imports
+        store = ("import shutil, bentoml; from pathlib import Path\n"
+                 "with bentoml.models.create('orthserve', module='orthserve.artifact') as m:\n"
+                 f"    for p in Path({str(artifact)!r}).iterdir(): shutil.copy2(p, Path(m.path) / p.name)")
         subprocess.run([str(venv / "bin" / "python"), "-c", store], cwd=repo, env=env, check=True,
                        capture_output=True)
         subprocess.run([str(venv / "bin" / "bentoml"), "build", "."], cwd=repo, env=env, check=True,
@@ -116,16 +119,23 @@ def write_report(results: dict) -> None:
              "`bench/bento_footprint.py`; environment = a fresh virtualenv with the bentofile's `python.packages` "
              "(what the image installs above the OS); cold start = `bentoml serve` to the first 200 of `/readyz`, "
              "one worker, CPU.", "",
-             "| checkout | environment MB | distributions | torch | bento MB | cold start s (median) | starts | "
-             "service imports |", "|---|---|---|---|---|---|---|---|"]
+             "| checkout | environment MB | distributions | torch | bento MB (code) | model MB | cold start s (median) | "
+             "starts | service imports |", "|---|---|---|---|---|---|---|---|---|"]
     for label, r in results.items():
         lines.append(f"| {label} ({r['commit']}) | {r['environment']['site_packages_mb']:,} | "
                      f"{r['environment']['distributions']} | {'yes' if r['environment']['has_torch'] else 'no'} | "
-                     f"{r['bento_mb']} | {r['cold_start_s']['median']:.2f} | "
+                     f"{r['bento_mb']} | {r.get('model_mb', '-')} | {r['cold_start_s']['median']:.2f} | "
                      f"{', '.join(f'{s:.2f}' for s in r['cold_start_s']['runs'])} | "
                      f"{', '.join(r['service_imports']) or 'none of torch, open_clip, transformers'} |")
+    lines += ["", "Environment: `pip install` of the bentofile's packages into a new virtualenv (torch pinned to the CPU "
+              "build, 2.13.0, as the Bento's CPU index gave it); both hold onnxruntime-gpu with its CUDA 13 and cuDNN "
+              "wheels (about 2.4 GB), so the GPU image and the CPU image are the same. Cold starts run in the "
+              "environment named in the JSON (`cold_start_s.venv`): the 'before' environment cannot import here "
+              "(PyPI's torchvision against the CPU torch file), so its starts ran in the development virtualenv "
+              "(torch 2.14.1), and 'after' was started in both for a like-for-like figure. A start includes "
+              "loading and checking the artifact (sha256 of 263 MB), both ONNX sessions and their warm-up."]
     lines += ["", "Measured on this 2-CPU machine, one checkout after the other on the same day (labels: "
-              f"{', '.join(f'{k}: {v['date']}' for k, v in results.items())})."]
+              f"{', '.join(k + ': ' + v['date'] for k, v in results.items())})."]
     (RESULTS / "bento_footprint.md").write_text("\n".join(lines) + "\n")
 
 
@@ -136,21 +146,25 @@ def main() -> None:
     parser.add_argument("--artifact", type=Path, help="default: REPO/artifacts/default")
     parser.add_argument("--venv", type=Path, help="default: /tmp/bento-env-LABEL (reused when present)")
     parser.add_argument("--starts", type=int, default=3)
+    parser.add_argument("--start-venv", type=Path, help="the environment the cold starts run in (default: --venv); "
+                        "for a bentofile whose torch cannot import here (PyPI's torchvision against the CPU torch file)")
     parser.add_argument("--torch", default="torch==2.13.0", help="what a bentofile's torch becomes here")
     args = parser.parse_args()
     repo = args.repo.resolve()
     artifact = (args.artifact or repo / "artifacts" / "default").resolve()
     venv = args.venv or Path(tempfile.gettempdir()) / f"bento-env-{args.label}"
     environment = make_env(bento_packages(repo, args.torch), venv)
-    imports = imported_heavy(venv, repo, artifact)
-    starts = [cold_start(venv, repo, artifact) for _ in range(args.starts)]
+    start_venv = args.start_venv or venv
+    imports = imported_heavy(start_venv, repo, artifact)
+    starts = [cold_start(start_venv, repo, artifact) for _ in range(args.starts)]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True).stdout
     dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout.strip()
     path = RESULTS / "bento_footprint.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     results[args.label] = {"commit": commit.strip() + ("+changes" if dirty else ""), "date": time.strftime("%Y-%m-%d"),
-                           "environment": environment, "bento_mb": bento_size(venv, repo, artifact),
-                           "cold_start_s": {"median": round(statistics.median(starts), 2),
+                           "environment": environment, "bento_mb": bento_size(start_venv, repo, artifact),
+                           "model_mb": round(dir_mb(artifact), 1),
+                           "cold_start_s": {"median": round(statistics.median(starts), 2), "venv": str(start_venv),
                                             "runs": [round(s, 2) for s in starts]},
                            "service_imports": imports}
     write_report(results)
