@@ -24,6 +24,9 @@ import onnxruntime as ort
 
 log = logging.getLogger("orthserve.service")
 
+# onnxruntime's input type names -> numpy dtypes (the runtime's encoders read theirs from here too)
+INPUT_DTYPES = {"tensor(uint8)": np.uint8, "tensor(int64)": np.int64, "tensor(float)": np.float32}
+
 # cuDNN: search the convolution algorithms once per shape (the patch embedding), with all the workspace it wants;
 # the memory arena grows by what is asked, not by doubling, so a few batch sizes do not reserve 2x the memory
 CUDA_OPTIONS = {"cudnn_conv_algo_search": "EXHAUSTIVE", "cudnn_conv_use_max_workspace": "1",
@@ -101,7 +104,7 @@ class BoundRunner:
         self.session, self.device, self.device_id, self.max_batch = session, device, device_id, max_batch
         (inp,), (out,) = session.get_inputs(), session.get_outputs()
         self.input_name, self.output_name = inp.name, out.name
-        self.dtype = {"tensor(uint8)": np.uint8, "tensor(int64)": np.int64, "tensor(float)": np.float32}[inp.type]
+        self.dtype = INPUT_DTYPES[inp.type]
         row, dim = [int(d) for d in inp.shape[1:]], out.shape[-1]
         if not isinstance(dim, int):  # a symbolic width: ask the graph once
             dim = session.run(None, {inp.name: np.zeros((1, *row), self.dtype)})[0].shape[-1]

@@ -151,9 +151,6 @@ def default_threads() -> int:
     return max(1, available_cpus() // default_workers())
 
 
-INPUT_DTYPES = {"tensor(uint8)": np.uint8, "tensor(int64)": np.int64, "tensor(float)": np.float32}
-
-
 class OnnxEncoder:
     """One onnxruntime session: a uint8 pixel or int64 token batch in, float32 ``[N, D]`` embeddings out."""
 
@@ -174,7 +171,7 @@ class OnnxEncoder:
             self.session = self._open(artifact, component, providers, threads, max_batch, graphs)
         self.providers = self.session.get_providers()  # what actually loaded (ORT falls back to CPU)
         self.input = self.session.get_inputs()[0].name
-        self.dtype = INPUT_DTYPES[self.session.get_inputs()[0].type]
+        self.dtype = gpu.INPUT_DTYPES[self.session.get_inputs()[0].type]
         # on a GPU: IO binding with pinned host buffers (service/gpu.py); on CPU, session.run
         self.bound = gpu.BoundRunner(self.session, max_batch, graphs=graphs) \
             if self.providers[0] in GPU_PROVIDERS else None
