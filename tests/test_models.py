@@ -76,3 +76,68 @@ def test_mini_default_weights_missing_is_clear(monkeypatch, tmp_path):
     monkeypatch.setattr(mini, "WEIGHTS", tmp_path / "absent.safetensors")
     with pytest.raises(WeightsUnavailableError, match="training.pretrain"):
         orthserve.load_model("orthserve-mini", "default")
+
+
+def test_mini_image_tower_is_a_conv_stem_feeding_vit_blocks():
+    from orthserve import mini
+
+    model, _, _ = orthserve.load_model("orthserve-mini", "none")
+    assert isinstance(model.visual.conv1, mini.ConvStem)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # shipped form: folded
+    tokens = model.visual.conv1(torch.randn(2, 3, 64, 64))
+    assert tokens.shape == (2, mini.IMAGE_TOWER["width"], 8, 8)
+    assert model.encode_image(torch.randn(2, 3, 64, 64)).shape == (2, mini.EMBED_DIM)
+
+
+def test_mini_shipped_weights_fold_batch_norm_and_reload_exactly(tmp_path):
+    """Pretraining uses batch norm; the shipped file has it folded into the convs (fp16 storage)."""
+    from safetensors.torch import save_file
+
+    from orthserve import mini
+
+    torch.manual_seed(0)
+    trained, _, _ = orthserve.load_model("orthserve-mini", "none")
+    mini.install_stem(trained, batch_norm=True)
+    trained.train()
+    with torch.no_grad():  # give the norms non-trivial statistics and affine parameters
+        for _ in range(3):
+            trained.encode_image(torch.randn(16, 3, 64, 64) * 2 + 0.5)
+        for m in trained.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    trained.eval()
+    path = tmp_path / "mini.safetensors"
+    save_file(mini.shipped_state(trained), str(path))
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in trained.modules())  # the trained model is untouched
+    shipped, _, _ = orthserve.load_model("orthserve-mini", "none")
+    mini.load_default_weights(shipped, path)
+    images = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        expected, got = trained.encode_image(images), shipped.encode_image(images)
+    assert torch.nn.functional.cosine_similarity(expected, got).min() > 0.9999  # fp16 storage
+
+
+def test_mini_full_checkpoint_loads_through_open_clip_loader(tmp_path):
+    """The export's plain checkpoint of an orthserve-mini model (all tensors) loads by path."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model, _, _ = orthserve.load_model("orthserve-mini", "none")
+    path = tmp_path / "mini-full.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    loaded, _, _ = orthserve.load_model("orthserve-mini", str(path))
+    images = torch.randn(2, 3, 64, 64)
+    assert torch.equal(loaded.encode_image(images), model.encode_image(images))
+
+
+def test_mini_old_weights_file_is_refused_with_a_retrain_hint(tmp_path):
+    from safetensors.torch import save_file
+
+    from orthserve import mini
+
+    path = tmp_path / "old.safetensors"
+    save_file({"visual.conv1.weight": torch.zeros(192, 3, 8, 8), "logit_scale": torch.zeros(())}, str(path))
+    model, _, _ = orthserve.load_model("orthserve-mini", "none")
+    with pytest.raises(ValueError, match="training.pretrain"):
+        mini.load_default_weights(model, path)

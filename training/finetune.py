@@ -611,6 +611,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     return {"stopped_at_epoch": epoch, "step": step}
                 sampler.set_epoch(epoch)
                 sums = DeviceSums()
+                began = time.time()
                 bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=None if progress is None else not progress)
                 for images, labels in bar:
                     if step >= total_steps:
@@ -626,9 +627,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                             keep_orthogonal(classifier, args.cayley)
                 if not sums.images:  # nothing left to train (e.g. resumed with fewer --iters)
                     break
-                means = check_finite(sums.means(), step)
+                means = check_finite(sums.means(), step)  # waits for the device: the epoch's time is complete
                 row = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
-                       **{f"train_{k}": v for k, v in means.items()}}
+                       **{f"train_{k}": v for k, v in means.items()}, "train_seconds": time.time() - began}
                 if splits["val"] is not None:
                     result = evaluate(classifier, splits["val"], desc="validate")
                     row.update(val_loss=result["loss"], val_acc=result["top1"])
@@ -652,7 +653,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     metrics: dict[str, Any] = {"model": args.model, "pretrained": args.pretrained, "method": args.method,
                                "objective": args.objective if args.method != "zeroshot" else None,
                                "shots": args.shots, "seed": args.seed, "subsample": args.subsample,
-                               "steps": step, "epochs": history, "notes": train.notes}
+                               "steps": step, "epochs": history, "notes": train.notes,
+                               "trainable_parameters": sum(p.numel() for p in params.values())}
     if splits["test"] is not None:
         test = evaluate(classifier, splits["test"], desc="test")
         metrics["test"] = {k: v for k, v in test.items() if k != "confusion"}
