@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import ExportError, export_artifact, from_model, from_run
     from .source import read_classnames
     from .towers import DEFAULT_OPSET, check_opset, check_variants
+    from .verify import describe_variants
 
     try:
         variants = check_variants(args.variants or [])  # user errors first, before loading a model
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                "classes": len(manifest["classnames"]), "max_abs_diff": {c: parity[c]["max_abs_diff"] for c in ("image", "text")},
                "variants": parity["variants"], "bento_tag": manifest.get("bento_tag")}
     print(json.dumps(summary, indent=2))
+    for line in describe_variants(parity["variants"]):
+        print(line)
     return 0
 
 

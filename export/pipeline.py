@@ -85,11 +85,12 @@ def _variant_figures(runners: dict, images: np.ndarray, tokens: np.ndarray, fp32
         classes = verify.class_matrix(torch.from_numpy(text), source.classifier).detach().numpy()
     else:
         classes = text
+    counted = {"images": int(len(images)), "classes": int(len(basis))}
     return {
         "image": {**verify.cosine_stats(image, fp32["image"]),
-                  "top1_agreement": verify.top1_agreement(image, basis, fp32["image"], basis)},
+                  "top1_agreement": verify.top1_agreement(image, basis, fp32["image"], basis), **counted},
         "text": {**verify.cosine_stats(text, fp32["text"]),
-                 "top1_agreement": verify.top1_agreement(fp32["image"], classes, fp32["image"], basis)},
+                 "top1_agreement": verify.top1_agreement(fp32["image"], classes, fp32["image"], basis), **counted},
     }
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import logging
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from orthserve import logs
 from orthserve.preprocess import PreprocessSpec
 
 DEFAULT_OPSET = 18
@@ -115,18 +115,6 @@ def sdpa_attention(model: nn.Module):
             del layer.forward  # the class's forward again
 
 
-@contextlib.contextmanager
-def _quiet_logger(name: str | None):
-    """Only errors from logger ``name`` (None: the root logger) inside the block; its level is restored after."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def fuse_for_onnxruntime(path: Path) -> dict[str, int]:
     """Rewrite the graph at ``path`` in place with onnxscript's onnxruntime fusions; returns their counts.
 
@@ -146,7 +134,7 @@ def fuse_for_onnxruntime(path: Path) -> dict[str, int]:
 
     model = ir.load(str(path))
     # the constant folder logs a warning for each shape expression it leaves to onnxruntime
-    with _quiet_logger("onnxscript.optimizer"):
+    with logs.dropped("onnxscript.optimizer._constant_folding", logs.constant_folding_failed):
         ShapeInferencePass()(model)  # the shapes the attention patterns check
         optimizer.optimize(model)
         shape_optimization.rules.apply_to_model(model)
@@ -182,7 +170,7 @@ def export_tower(model: nn.Module, component: str, example: torch.Tensor, path: 
     batch = torch.export.Dim("batch", min=1)
     # the exporter prints progress lines and warns about things that do not concern us
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad(), \
-            sdpa_attention(wrapper):
+            sdpa_attention(wrapper), logs.dropped("onnxscript.optimizer._constant_folding", logs.constant_folding_failed):
         warnings.simplefilter("ignore")
         torch.onnx.export(wrapper, (example,), str(path), input_names=[input_name], output_names=["embeddings"],
                           opset_version=opset, dynamo=True, dynamic_shapes=({0: batch},), external_data=False)
@@ -256,7 +244,7 @@ def to_int8(source: Path, target: Path, keep_fp32: Sequence[str] | None = None) 
     # QAttention has no attention-bias input (the text tower's padding mask): the quantizer would drop it
     keep_fp32 += [n.name for n in graph.node if n.op_type == "Attention" and any(n.input[5:])]
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-            _quiet_logger(None):  # its 'consider pre-processing' warning, on the root logger
+            logs.dropped(None, logs.quantizer_preprocessing_hint):
         warnings.simplefilter("ignore")
         quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
                          op_types_to_quantize=["MatMul", "Gemm", "Attention"], nodes_to_exclude=list(keep_fp32))

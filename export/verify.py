@@ -110,3 +110,30 @@ class OnnxRunner:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch})[0]
+
+
+ACCEPTABLE_AGREEMENT = 0.98  # a variant below this changes noticeably many answers of the fp32 model
+SERVED_BY_DEFAULT = {"fp32": "the service's default on CPU", "fp16": "the service's default on GPU",
+                     "int8": "used only when asked: ORTHSERVE_INT8=1 (image tower, CPU) or ORTHSERVE_VARIANT=int8"}
+
+
+def describe_variants(variants: dict[str, dict]) -> list[str]:
+    """The export's variant figures in words: what was compared, whether it is acceptable, when it is served."""
+    lines = []
+    for variant, towers in variants.items():
+        for tower, f in towers.items():
+            agree = f["top1_agreement"]
+            n = f.get("images")
+            of = f" ({round(agree * n)} of {n})" if n else ""
+            over = f" among {f['classes']} class names" if f.get("classes") else ""
+            if tower == "image":
+                what = f"with the {variant} image tower and fp32 class embeddings"
+            else:
+                what = f"with fp32 image embeddings and {variant} class embeddings"
+            verdict = "acceptable" if agree >= ACCEPTABLE_AGREEMENT else \
+                f"below {ACCEPTABLE_AGREEMENT:.0%}: this tower changes answers; keep it in fp32"
+            lines.append(f"{variant} {tower} tower: embeddings cosine {f['cosine_mean']:.5f} to fp32 (min {f['cosine_min']:.5f}); "
+                         f"{what}, the best class{over} matches fp32 for {agree:.0%} of the verification images{of}: "
+                         f"{verdict}.")
+        lines.append(f"{variant}: {SERVED_BY_DEFAULT.get(variant, 'served when ORTHSERVE_VARIANT names it')}.")
+    return lines

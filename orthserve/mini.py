@@ -77,6 +77,28 @@ class ConvStem(nn.Module):
         return out.to(self.proj.weight.device)
 
 
+def create(device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
+    """open_clip's model (MiniLM weights in the text tower) with our stem; ``(model, eval transform)``.
+
+    Two known-harmless messages of that load are dropped at their loggers (orthserve.logs): MiniLM's
+    unused pooler weights and open_clip's "initialized partially" (our image weights come next).
+    """
+    from transformers.utils import logging as hf_logging
+
+    from . import logs
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Loading weights" for a 0.01 s load from a local folder
+    try:
+        with logs.dropped("transformers.modeling_utils", logs.only_unused_pooler), \
+                logs.dropped(None, logs.partially_initialized(MODEL_NAME)):
+            model, _, preprocess = open_clip.create_model_and_transforms(MODEL_NAME, pretrained=None, device=device)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    return install_stem(model), preprocess
+
+
 def install_stem(model: nn.Module, batch_norm: bool = False) -> nn.Module:
     """Put the conv stem in place of the ViT's patchify conv (``visual.conv1``)."""
     model.visual.conv1 = ConvStem(IMAGE_TOWER["width"], batch_norm=batch_norm).to(model.visual.class_embedding.device)

@@ -72,8 +72,7 @@ def load_model(
         )
     try:
         if name == mini.MODEL_NAME:  # open_clip builds the ViT; the conv stem goes in before any weights
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device=device)
-            mini.install_stem(model)
+            model, preprocess = mini.create(device)
             if checkpoint is not None:
                 open_clip.load_checkpoint(model, checkpoint, device=device)
         else:

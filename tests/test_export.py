@@ -378,3 +378,15 @@ def test_int8_sensitivity_benchmark_on_an_artifact(all_artifact, tmp_path):
     for rows in report["groups"].values():
         assert set(rows) == set(report["photos"]) and all(set(row) == {"1", "8", "32"} for row in rows.values())
     assert "Groups kept in fp32" in (out / "int8_sensitivity.md").read_text() and (out / "int8_sensitivity.png").stat().st_size > 0
+
+
+def test_variant_figures_are_explained_in_words():
+    from export.verify import describe_variants
+
+    figures = {"int8": {"image": {"cosine_mean": 0.99998, "cosine_min": 0.9999, "top1_agreement": 1.0, "images": 21, "classes": 202},
+                        "text": {"cosine_mean": 0.9947, "cosine_min": 0.9906, "top1_agreement": 15 / 21, "images": 21,
+                                 "classes": 202}}}
+    image, text, served = describe_variants(figures)
+    assert "21 of 21" in image and "202 class names" in image and "acceptable" in image
+    assert "15 of 21" in text and "keep it in fp32" in text
+    assert "ORTHSERVE_INT8=1" in served
