@@ -13,12 +13,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__)
+    from orthserve.cli import HelpFormatter, add_debug_flag
+
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__, formatter_class=HelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", metavar="RUN_DIR", help="training run directory to export")
     source.add_argument("--model", metavar="NAME", help="plain zero-shot export of an open_clip / orthserve model")
-    parser.add_argument("--pretrained", default="none", help="with --model: open_clip tag, checkpoint file, "
-                        "'default' (orthserve-mini) or 'none' (random weights); default: none")
+    parser.add_argument("--pretrained", default=None, help="with --model: open_clip tag, checkpoint file, "
+                        "'default' (orthserve-mini's embedded weights, its default) or 'none' (random weights); "
+                        "required for other models")
     classes = parser.add_mutually_exclusive_group()
     classes.add_argument("--classnames", metavar="FILE", help="with --model: class names, one per line")
     classes.add_argument("--labels", help="with --model: comma-separated class names")
@@ -33,8 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", metavar="DIR", help="verification images (default: ../shared/data, else generated)")
     parser.add_argument("--opset", type=int, help="ONNX opset (>= 17; default 18)")
     parser.add_argument("--bento-model", metavar="NAME", help="also store the artifact in the BentoML model store")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    if args.run and (args.classnames or args.labels or args.templates or args.pretrained != "none"):
+    if args.run and (args.classnames or args.labels or args.templates or args.pretrained is not None):
         parser.error("--classnames, --labels, --template and --pretrained go with --model; a run has its own")
     return args
 
@@ -44,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from orthserve.artifact import PARITY_FILE
     from orthserve.classifier import DEFAULT_TEMPLATES
-    from orthserve.models import WeightsUnavailableError
+    from orthserve.models import WeightsUnavailableError, resolve_pretrained
 
     from . import ExportError, export_artifact, from_model, from_run
     from .source import read_classnames
@@ -69,9 +73,15 @@ def main(argv: list[str] | None = None) -> int:
             templates = args.templates or list(DEFAULT_TEMPLATES)
             if names and any("{}" not in t for t in templates):
                 raise ValueError("every --template needs a {} where the class name goes")
-            source = from_model(args.model, args.pretrained, names, templates)
+            pretrained = resolve_pretrained(args.model, args.pretrained)
+            if pretrained == "none":
+                print("export: warning: random weights (--pretrained none): the artifact's answers mean nothing",
+                      file=sys.stderr)
+            source = from_model(args.model, pretrained, names, templates)
         manifest = export_artifact(source, args.out, variants, args.bento_model, args.images, opset=opset)
     except (ExportError, WeightsUnavailableError, FileNotFoundError, ValueError) as err:
+        if args.debug:
+            raise
         print(f"export: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -14,7 +14,7 @@ from torch import nn
 import orthserve
 from orthserve.classifier import DEFAULT_TEMPLATES, CLIPClassifier
 from orthserve.preprocess import PreprocessSpec
-from orthserve.runs import RUN_FILE, load_run
+from orthserve.runs import load_run
 
 
 @dataclass
@@ -42,9 +42,7 @@ def from_run(run_dir: str | Path) -> Source:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    if not (run_dir / RUN_FILE).is_file():
-        raise FileNotFoundError(f"{run_dir} is not a training run: it has no {RUN_FILE}")
-    classifier, info = load_run(run_dir)
+    classifier, info = load_run(run_dir)  # says what the folder is when it is not a run
     spec = PreprocessSpec.from_dict(info.preprocess) if info.preprocess else PreprocessSpec.from_model(classifier.model)
     return Source(model=classifier.model, tokenizer=orthserve.get_tokenizer(info.model), classifier=classifier,
                   name=info.model, pretrained=info.pretrained, method=info.method, adapters=list(info.adapters),

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 _HOMES = {
     ".adapters": ("AOFTConfig", "LoRAConfig", "OrthogonalConfig", "TaskResConfig"),
     ".classifier": ("CLIPClassifier",),
-    ".models": ("WeightsUnavailableError", "get_tokenizer", "load_model"),
+    ".models": ("WeightsUnavailableError", "get_tokenizer", "load_model", "resolve_pretrained"),
     ".surgery": ("adapter_parameters", "batched_rotations", "bypass", "count_trainable", "fast_rotations", "fold",
                  "inject", "load_adapters", "max_orthogonality_error", "rotate_inputs", "save_adapters"),
 }

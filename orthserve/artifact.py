@@ -103,7 +103,10 @@ def _read_manifest(root: Path) -> dict:
     if not root.is_dir():
         raise ArtifactError(f"artifact directory {root} does not exist")
     if not path.is_file():
-        raise ArtifactError(f"{root} is not an artifact: no {MANIFEST_FILE}")
+        if (root / "run.json").is_file():  # orthserve.runs.RUN_FILE (that module needs torch)
+            raise ArtifactError(f"{root} is a training run, not an artifact: export it first with "
+                                f"`python -m export --run {root} --out ART_DIR`, then serve ART_DIR")
+        raise ArtifactError(f"{root} is not an artifact: no {MANIFEST_FILE} (export one with `python -m export`)")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

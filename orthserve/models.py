@@ -29,8 +29,45 @@ def _looks_like_path(pretrained: str) -> bool:
     return os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
 
 
+HUB_PREFIXES = ("hf-hub:", "local-dir:")  # open_clip's own: config and weights come with the name
+
+
+def resolve_pretrained(name: str, pretrained: str | None) -> str | None:
+    """The command lines' weights rule: never random weights unless ``none`` is asked for.
+
+    ``None`` (the flag left out) means orthserve-mini's embedded weights for orthserve-mini, the
+    weights that come with an ``hf-hub:`` / ``local-dir:`` name, and an error for every other model.
+    """
+    from . import mini
+
+    if name.startswith(HUB_PREFIXES):
+        if pretrained not in (None, "none", ""):
+            raise WeightsUnavailableError(f"{name} brings its own weights: leave --pretrained out")
+        return None
+    if pretrained is None:
+        if name == mini.MODEL_NAME:
+            return "default"
+        name = resolve_model_name(name)  # an unknown name is the first thing to say
+        tags = open_clip.list_pretrained_tags_by_model(name) if name in open_clip.list_models() else []
+        raise WeightsUnavailableError(
+            f"--pretrained is required for {name}: one of its open_clip tags ({', '.join(tags) or 'none known'}), "
+            f"a local checkpoint file, or 'none' for random weights (smoke tests only); "
+            f"the built-in model runs offline with --model {mini.MODEL_NAME}")
+    known = open_clip.list_pretrained_tags_by_model(name) if name in open_clip.list_models() else []
+    if known and pretrained not in (*NO_WEIGHTS, "default", *known) and not _looks_like_path(pretrained):
+        raise WeightsUnavailableError(f"--pretrained {pretrained!r} is neither a tag of {name} ({', '.join(known)}) "
+                                      "nor a checkpoint file (.safetensors, .pt, ... or a path)")
+    if pretrained == "default" and name != mini.MODEL_NAME:
+        raise WeightsUnavailableError(
+            f"--pretrained default means {mini.MODEL_NAME}'s embedded weights; {name} needs an open_clip tag "
+            f"({', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none known'}) or a local checkpoint file")
+    return pretrained
+
+
 def resolve_model_name(name: str) -> str:
-    """Accept a registry name or a path to an open_clip JSON model config."""
+    """Accept a registry name, a path to an open_clip JSON model config, or an ``hf-hub:`` / ``local-dir:`` name."""
+    if name.startswith(HUB_PREFIXES):
+        return name
     if name.endswith(".json"):
         path = Path(name)
         if not path.is_file():
@@ -78,6 +115,10 @@ def load_model(
         else:
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=checkpoint, device=device)
     except Exception as err:  # network errors, unknown tags, bad files all surface here
+        if name.startswith(HUB_PREFIXES):
+            raise WeightsUnavailableError(
+                f"could not load {name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}. Without network "
+                f"access, download the repository elsewhere and pass --model local-dir:/path/to/it") from err
         if checkpoint is None:
             raise
         hint = (

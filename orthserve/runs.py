@@ -48,7 +48,11 @@ class RunInfo:
     def read(cls, run_dir: str | Path) -> "RunInfo":
         path = Path(run_dir) / RUN_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{run_dir} is not a training run: no {RUN_FILE}")
+            if (Path(run_dir) / "manifest.json").is_file():  # orthserve.artifact.MANIFEST_FILE
+                raise FileNotFoundError(f"{run_dir} is an exported artifact, not a training run: serve it with "
+                                        f"`ORTHSERVE_MODEL={run_dir} .venv/bin/bentoml serve`; --run wants a folder "
+                                        "written by `python -m training.finetune --out RUN_DIR`")
+            raise FileNotFoundError(f"{run_dir} is not a training run: no {RUN_FILE} (training.finetune --out writes one)")
         data = json.loads(path.read_text())
         if data.get("format") != RUN_FORMAT:
             raise ValueError(f"{path}: run format {data.get('format')!r}, expected {RUN_FORMAT!r}")

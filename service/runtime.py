@@ -49,6 +49,9 @@ def resolve_model(spec: str | None = None) -> Path:
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
+    if os.sep in spec or spec.startswith("."):  # a path, not a tag
+        raise FileNotFoundError(f"ORTHSERVE_MODEL={spec}: that directory does not exist; export an artifact there with "
+                                f"`python -m export --run RUN_DIR --out {spec}` (or `make artifact` for the built-in model)")
     import bentoml
 
     try:

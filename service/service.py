@@ -8,7 +8,7 @@ import anyio
 import bentoml
 import numpy as np
 
-from orthserve.artifact import Artifact
+from orthserve.artifact import Artifact, ArtifactError
 from service.api import info_app, prepare_images
 from service.balance import ConnectionBalancer
 from service.batching import Batcher
@@ -22,7 +22,12 @@ WORK_THREADS = int(os.environ.get("ORTHSERVE_WORK_THREADS", str(max(4, 2 * (os.c
 # Checked when `bentoml serve` loads this module, before any worker starts: a missing, truncated or
 # tampered artifact stops the server at once (exit 1, the reason printed) instead of leaving workers
 # that never become ready.  Each worker process imports this module too and reuses that check.
-_CHECKED = open_artifact()
+try:
+    _CHECKED = open_artifact()
+except (ArtifactError, FileNotFoundError, ValueError) as err:
+    if os.environ.get("ORTHSERVE_DEBUG"):
+        raise
+    raise SystemExit(f"orthserve: cannot serve: {err}  (ORTHSERVE_DEBUG=1 shows the traceback)") from None
 
 
 def artifact() -> Artifact:

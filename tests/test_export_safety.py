@@ -105,7 +105,7 @@ def test_failed_verification_exits_nonzero_and_writes_nothing(tmp_path, monkeypa
 
     monkeypatch.setattr(pipeline, "_reference", off_by_a_little)
     out = tmp_path / "art"
-    assert main(["--model", TINY, "--labels", "ant,bee", "--out", str(out)]) == 1
+    assert main(["--model", TINY, "--pretrained", "none", "--labels", "ant,bee", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert "verification failed" in err and "image max_abs_diff" in err and "Traceback" not in err
     assert not out.exists() and leftovers(out) == []
@@ -138,11 +138,11 @@ def test_refuses_to_replace_a_directory_that_is_not_an_artifact(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--run", "/nonexistent/run"], "run directory /nonexistent/run does not exist"),
     (["--model", "no-such-model"], "unknown model 'no-such-model'"),
-    (["--model", TINY, "--variant", "fp8"], "unknown variant 'fp8'"),
-    (["--model", TINY, "--opset", "13"], "opset 13 is too old"),
-    (["--model", TINY, "--classnames", "/nonexistent/classes.txt"], "class-name file"),
+    (["--model", TINY, "--pretrained", "none", "--variant", "fp8"], "unknown variant 'fp8'"),
+    (["--model", TINY, "--pretrained", "none", "--opset", "13"], "opset 13 is too old"),
+    (["--model", TINY, "--pretrained", "none", "--classnames", "/nonexistent/classes.txt"], "class-name file"),
     (["--model", TINY, "--pretrained", "/nonexistent/weights.safetensors"], "does not exist"),
-    (["--model", TINY, "--bento-model", "Bad Name!"], "invalid --bento-model name"),
+    (["--model", TINY, "--pretrained", "none", "--bento-model", "Bad Name!"], "invalid --bento-model name"),
 ])
 def test_cli_user_errors(argv, message, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "art")]) == 1
@@ -161,7 +161,7 @@ def test_cli_with_bento_model_store(tmp_path):
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "HF_HUB_OFFLINE": "1"}
     out, classes = tmp_path / "art", tmp_path / "classes.txt"
     classes.write_text("# insects\nant\n\nbee\n")
-    result = subprocess.run([sys.executable, "-m", "export", "--model", TINY, "--classnames", str(classes),
+    result = subprocess.run([sys.executable, "-m", "export", "--model", TINY, "--pretrained", "none", "--classnames", str(classes),
                              "--template", "a photo of a {}.", "--template", "itap of a {}.", "--int8",
                              "--bento-model", "orthserve-test", "--out", str(out)],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

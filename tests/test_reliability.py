@@ -34,7 +34,7 @@ def killed_then_rerun(tmp_path_factory):
     """SIGKILL an export subprocess once its temporary directory has a graph in it; then re-run in process."""
     out = tmp_path_factory.mktemp("reliability") / "art"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "export", "--model", TINY, "--labels", "ant,bee", "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "export", "--model", TINY, "--pretrained", "none", "--labels", "ant,bee", "--out", str(out)],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed_in = None
     deadline = time.monotonic() + 240

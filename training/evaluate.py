@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
@@ -24,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import orthserve
+from orthserve import cli
 from orthserve.classifier import DEFAULT_TEMPLATES
 from orthserve.preprocess import PreprocessSpec
 from orthserve.runs import RunInfo, load_base_model, load_run
@@ -81,11 +81,11 @@ def classifier_for(classifier: orthserve.CLIPClassifier, tokenizer, classnames: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--run", help="RUN_DIR written by training.finetune; omit for zero-shot with --model")
     p.add_argument("--model", help="model name for zero-shot evaluation (with --run: must match the run's model)")
-    p.add_argument("--pretrained", default="none", help="weights for zero-shot evaluation (open_clip tag, file or none)")
+    p.add_argument("--pretrained", default=None, help="weights for zero-shot evaluation: open_clip tag, file, "
+                   "'default' (orthserve-mini's, its default) or 'none' (random); required for other models")
     p.add_argument("--data", required=True, help="ImageFolder directory or CSV manifest (path,label)")
     p.add_argument("--classnames", help="file of '<folder> <readable name>' lines; default: folder names, '_' as space")
     p.add_argument("--subsample", default="all", choices=SUBSAMPLES, help="evaluate all classes, the base half or the new half")
@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--out", help="metrics JSON path (default: RUN_DIR/eval-<data name>-<subsample>.json, "
                    "or stdout only for zero-shot)")
+    cli.add_debug_flag(p)
     return p
 
 
@@ -117,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     else:
         if not args.model:
             raise SystemExit("give --run RUN_DIR, or --model (and --pretrained) for zero-shot evaluation")
+        args.pretrained = orthserve.resolve_pretrained(args.model, args.pretrained)
+        cli.warn_random_weights(args.pretrained, log)
         model, _, tokenizer = load_base_model(args.model, args.pretrained, args.seed, device)
         classifier = None
         spec = PreprocessSpec.from_model(model)
@@ -144,7 +147,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (DataError, FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    cli.run(main, "training.evaluate")

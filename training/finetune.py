@@ -41,6 +41,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import orthserve
+from orthserve import cli
 from orthserve.adapters import ATTENTION_TARGETS, FFN_TARGETS, AdapterConfig
 from orthserve.classifier import DEFAULT_TEMPLATES
 from orthserve.preprocess import PreprocessSpec
@@ -69,13 +70,14 @@ def default_workers() -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.finetune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m training.finetune", description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--config", help="YAML file of options (long names as keys); command-line flags override it")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="ViT-B-16", help="open_clip name, orthserve-tiny, orthserve-mini or a JSON config path")
-    g.add_argument("--pretrained", default="none", help="open_clip tag, checkpoint file, 'default' (orthserve-mini) "
-                   "or 'none' (random weights drawn from --seed)")
+    g.add_argument("--model", default="orthserve-mini", help="open_clip name (e.g. ViT-B-16), hf-hub:ORG/REPO, "
+                   "orthserve-mini (built in, offline), orthserve-tiny or a JSON config path")
+    g.add_argument("--pretrained", default=None, help="open_clip tag (e.g. openai), checkpoint file, 'default' "
+                   "(orthserve-mini's embedded weights, its default) or 'none' (random weights drawn from --seed); "
+                   "required for other models")
     g.add_argument("--template", action="append", help=f"prompt template, repeatable; several are averaged "
                    f"(default: {DEFAULT_TEMPLATES[0]!r})")
     g = p.add_argument_group("data (CoOp few-shot protocol)")
@@ -137,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, default=25, metavar="STEPS",
                    help="read loss and accuracy from the device every STEPS steps (and at each epoch's end); "
                         "in between the step never waits for the device")
+    cli.add_debug_flag(p)
     g = p.add_argument_group("run directory")
     g.add_argument("--out", help="RUN_DIR for the outputs and checkpoints")
     g.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt (last complete epoch)")
@@ -189,6 +192,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"the OrthCR objective needs adapters to bypass; method {args.method!r} has none")
     args.lr = args.lr if args.lr is not None else DEFAULT_LR.get(args.method, 0.0)
     args.templates = args.template or list(DEFAULT_TEMPLATES)
+    args.pretrained = orthserve.resolve_pretrained(args.model, args.pretrained)
     return args
 
 
@@ -525,6 +529,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from tqdm import tqdm
 
     args = parse_args(argv)
+    cli.warn_random_weights(args.pretrained, log)
     run_dir = Path(args.out)
     device = pick_device(args.device)
     autocast, fp16 = autocast_for(device, args.precision)
@@ -679,7 +684,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as err:  # DataError and config errors: a message, not a traceback
-        sys.exit(f"error: {err}")
+    cli.run(main, "training.finetune")

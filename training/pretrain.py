@@ -45,7 +45,7 @@ from torchvision.ops import roi_align
 from tqdm import tqdm
 
 import orthserve
-from orthserve import mini
+from orthserve import cli, mini
 from orthserve.classifier import CLIPClassifier
 from orthserve.preprocess import PreprocessSpec, decode_image, to_pixels
 from training.data import load_labelled, per_class
@@ -121,7 +121,7 @@ def zero_shot_folder(model, tokenizer, folder: Path, labels: Sequence[str], spec
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m training.pretrain", description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--data", required=True, help="ImageFolder of training images (tiny-imagenet/train)")
     p.add_argument("--classnames", help="'<folder> <readable name>' lines for the captions")
     p.add_argument("--test-data", help="ImageFolder with (a subset of) the same classes, evaluated once at the end")
@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/pretrain-mini", help="run directory (checkpoint, metrics, plots)")
     p.add_argument("--weights-out", default=str(mini.WEIGHTS), help="where the shipped weights go")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    cli.add_debug_flag(p)
     return p
 
 
@@ -271,4 +272,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "training.pretrain")
