@@ -113,7 +113,11 @@ def load_model(
             if checkpoint is not None:
                 open_clip.load_checkpoint(model, checkpoint, device=device)
         else:
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=checkpoint, device=device)
+            from . import logs
+
+            asked_for_none = logs.dropped(None, lambda m: checkpoint is None and m.startswith("No pretrained weights loaded"))
+            with asked_for_none:  # random weights were asked for: the CLIs say so once, in their own words
+                model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=checkpoint, device=device)
     except Exception as err:  # network errors, unknown tags, bad files all surface here
         if name.startswith(HUB_PREFIXES):
             raise WeightsUnavailableError(

@@ -33,8 +33,13 @@ def test_every_method_trains_one_epoch_and_rebuilds(data_dir, tmp_path, method):
         assert (out / name).is_file(), name
     if method != "zeroshot":
         assert (out / "curves.png").is_file() and (out / "log.csv").is_file() and (out / "checkpoint.pt").is_file()
-        assert len(metrics["epochs"]) == 1 and metrics["epochs"][0]["train_loss"] > 0
-        assert "val_acc" in metrics["epochs"][0]
+        baseline, trained = metrics["epochs"]  # epoch 0 is the zero-shot model, then the one trained epoch
+        assert baseline["epoch"] == 0 and {"val_acc", "val_loss", "test_top1"} <= baseline.keys()
+        assert trained["epoch"] == 1 and trained["train_loss"] > 0 and "val_acc" in trained and trained["train_seconds"] > 0
+        assert metrics["zero_shot"]["test_top1"] == baseline["test_top1"]
+        assert metrics["gain"]["test_top1"] == pytest.approx(metrics["test"]["top1"] - baseline["test_top1"])
+    else:
+        assert metrics["zero_shot"]["test_top1"] == metrics["test"]["top1"] and metrics["gain"]["test_top1"] == 0
     assert json.loads((out / "metrics.json").read_text())["test"]["top1"] == metrics["test"]["top1"]
     info = RunInfo.read(out)
     assert info.method == method and info.classnames == ["daisy", "dandelion", "rose", "sunflower", "tulip"]
@@ -61,7 +66,9 @@ def test_resumed_run_ends_with_the_same_metrics(data_dir, tmp_path):
     stale.write_bytes(b"half a checkpoint")
     resumed = finetune.main(quick(data_dir / "flowers5", parted, *args, "--resume"))
     assert not stale.exists()
-    assert resumed["epochs"] == whole["epochs"] and resumed["test"] == whole["test"]
+    untimed = lambda rows: [{k: v for k, v in row.items() if k != "train_seconds"} for row in rows]  # noqa: E731
+    assert untimed(resumed["epochs"]) == untimed(whole["epochs"]) and resumed["test"] == whole["test"]
+    assert resumed["zero_shot"] == whole["zero_shot"]
     a, b = load_file(str(tmp_path / "whole" / "adapter.safetensors")), load_file(str(parted / "adapter.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -79,7 +86,7 @@ def test_base_to_new_reports_harmonic_mean(data_dir, tmp_path):
 
 
 def test_zero_shot_evaluation_needs_no_run(data_dir, tmp_path):
-    result = evaluate.main(["--model", "orthserve-tiny", "--data", str(data_dir / "hymenoptera-val"),
+    result = evaluate.main(["--model", "orthserve-tiny", "--pretrained", "none", "--data", str(data_dir / "hymenoptera-val"),
                             "--per-class", "3", "--workers", "0", "--out", str(tmp_path / "zs.json")])
     assert result["method"] == "zeroshot" and result["images"] == 6 and result["classes"] == ["ants", "bees"]
 
@@ -128,7 +135,7 @@ def test_bad_input_gets_clear_errors(data_dir, tmp_path, capsys):
 
 def test_corrupt_images_and_short_classes_do_not_stop_training(tmp_path, caplog):
     data = make_folder(tmp_path / "d", {"cat": 6, "dog": 1}, corrupt={"cat": 2, "dog": 1})
-    metrics = finetune.main(["--model", "orthserve-tiny", "--data", str(data), "--out", str(tmp_path / "r"),
+    metrics = finetune.main(["--model", "orthserve-tiny", "--pretrained", "none", "--data", str(data), "--out", str(tmp_path / "r"),
                              "--shots", "8", "--epochs", "1", "--batch-size", "4", "--workers", "0",
                              "--method", "orthcr", "--progress", "off", "--val-shots", "0"])
     assert any("fewer than --shots 8" in n for n in metrics["notes"])
@@ -140,10 +147,10 @@ def test_csv_manifest_and_iterations(tmp_path):
     root = make_folder(tmp_path / "imgs", {"cat": 4, "dog": 4})
     rows = ["path,label"] + [f"imgs/{p.parent.name}/{p.name},{p.parent.name}" for p in sorted(root.rglob("*.png"))]
     (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
-    metrics = finetune.main(["--model", "orthserve-tiny", "--data", str(tmp_path / "m.csv"), "--out",
+    metrics = finetune.main(["--model", "orthserve-tiny", "--pretrained", "none", "--data", str(tmp_path / "m.csv"), "--out",
                              str(tmp_path / "r"), "--shots", "3", "--iters", "4", "--batch-size", "2",
                              "--workers", "0", "--method", "aoft", "--progress", "off", "--val-shots", "0"])
-    assert metrics["steps"] == 4 and len(metrics["epochs"]) == 2  # 3 steps per epoch
+    assert metrics["steps"] == 4 and [r["epoch"] for r in metrics["epochs"]] == [0, 1, 2]  # zero-shot, then 3 steps per epoch
 
 
 @pytest.mark.slow
@@ -155,7 +162,20 @@ def test_compiled_training_follows_the_eager_loss_curve(data_dir, tmp_path):
     eager = finetune.main(quick(data_dir / "flowers5", tmp_path / "eager", *args))
     compiled = finetune.main(quick(data_dir / "flowers5", tmp_path / "compiled", *args, "--compile"))
     assert compiled["steps"] == eager["steps"] == 6
-    for mine, theirs in zip(compiled["epochs"], eager["epochs"]):
+    assert compiled["epochs"][0] == eager["epochs"][0]  # the zero-shot row
+    for mine, theirs in zip(compiled["epochs"][1:], eager["epochs"][1:]):
         for key in ("train_loss", "train_ce", "train_kl", "val_loss"):
             assert abs(mine[key] - theirs[key]) < 1e-3, (key, mine[key], theirs[key])
         assert mine["orthogonality_error"] < 1e-5
+
+
+def test_validation_split_is_large_enough_to_mean_something():
+    assert finetune.default_val_shots(shots=16, classes=5) == 40       # 200 images, steps of 0.5%
+    assert finetune.default_val_shots(shots=16, classes=100) == 4      # 400 images already
+    assert finetune.default_val_shots(shots=1, classes=1000) == 1
+
+
+def test_result_line_states_the_gain_over_zero_shot():
+    line = finetune.result_line({"test": {"top1": 0.62}, "new_top1": 0.40,
+                                 "zero_shot": {"test_top1": 0.48, "new_top1": 0.41}, "gain": {"test_top1": 0.14, "new_top1": -0.01}})
+    assert line == "test top-1 62.0% (zero-shot 48.0%, +14.0 points); new-class top-1 40.0% (zero-shot 41.0%, -1.0 points)"

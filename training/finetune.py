@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "with 'base', test accuracy is also reported on the new classes and their harmonic mean")
     g.add_argument("--val-data", help="validation folder/CSV (default: --val-shots per class held out of --data)")
     g.add_argument("--test-data", help="test folder/CSV (default: --test-per-class per class held out of --data)")
-    g.add_argument("--val-shots", type=int, default=None, help="held-out validation images per class (default min(shots, 4))")
+    g.add_argument("--val-shots", type=int, default=None, help="held-out validation images per class (default: min(shots, 4), raised so that "
+                   f"there are at least {MIN_VALIDATION_IMAGES} in all)")
     g.add_argument("--test-per-class", type=int, default=100, help="held-out test images per class (0: all left over)")
     g.add_argument("--workers", type=int, default=default_workers(), help="data-loading processes (0: in process); "
                    "they persist across epochs")
@@ -245,13 +246,22 @@ def build_classifier(args, classnames: list[str], device: torch.device):
     return classifier, tokenizer, configs
 
 
+MIN_VALIDATION_IMAGES = 200  # top-1 then moves in steps of 0.5%, not 5%
+
+
+def default_val_shots(shots: int, classes: int) -> int:
+    """Held-out validation images per class: as many as the shots (at most 4), and at least
+    ``MIN_VALIDATION_IMAGES`` in all where the folder has them."""
+    return max(min(max(shots, 1), 4), math.ceil(MIN_VALIDATION_IMAGES / max(classes, 1)))
+
+
 def prepare_data(args) -> dict[str, LabelledSet | None]:
     """train / val / test (and new-class test for --subsample base), per the CoOp protocol."""
     everything = load_labelled(args.data, args.classnames, "all")
     data = load_labelled(args.data, args.classnames, args.subsample)
     train, rest = few_shot(data, args.shots, args.seed)
     train = drop_unreadable(train, "training")
-    val_shots = args.val_shots if args.val_shots is not None else min(max(args.shots, 1), 4)
+    val_shots = args.val_shots if args.val_shots is not None else default_val_shots(args.shots, len(data.classes))
     if args.val_data:
         val = load_labelled(args.val_data, args.classnames, args.subsample)
     else:
@@ -453,23 +463,40 @@ def write_history(run_dir: Path, history: list[dict]) -> None:
 
 
 def plot_curves(run_dir: Path, history: list[dict]) -> None:
+    """curves.png: the training objective and its terms, validation cross-entropy, and top-1, each on its own
+    axis; epoch 0 is the pretrained (zero-shot) model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    epochs = [row["epoch"] for row in history]
-    left.plot(epochs, [row["train_loss"] for row in history], "o-", label="train loss")
-    if any("val_loss" in row for row in history):
-        left.plot(epochs, [row.get("val_loss", float("nan")) for row in history], "o-", label="val loss")
-    right.plot(epochs, [row["train_acc"] for row in history], "o-", label="train top-1")
-    if any("val_acc" in row for row in history):
-        right.plot(epochs, [row.get("val_acc", float("nan")) for row in history], "o-", label="val top-1")
-    left.set(xlabel="epoch", ylabel="loss", title="loss")
-    right.set(xlabel="epoch", ylabel="top-1", title="accuracy", ylim=(0, 1))
-    for ax in (left, right):
-        ax.legend()
+    trained = [row for row in history if row["epoch"] > 0]
+    has_val_loss = any("val_loss" in row for row in history)
+    fig, axes = plt.subplots(1, 3 if has_val_loss else 2, figsize=(15 if has_val_loss else 10, 4))
+    objective, top1 = axes[0], axes[-1]
+    epochs = [row["epoch"] for row in trained]
+    objective.plot(epochs, [row["train_loss"] for row in trained], "o-", label="objective (total)")
+    skip = {"train_loss", "train_acc", "train_seconds"}
+    for key in dict.fromkeys(k for row in trained for k in row if k.startswith("train_") and k not in skip):
+        objective.plot(epochs, [row.get(key, float("nan")) for row in trained], ".--", label=key[len("train_"):])
+    objective.set(xlabel="epoch", ylabel="value", title="training objective and its terms")
+    top1.plot(epochs, [row["train_acc"] for row in trained], "o-", label="train top-1")
+    if has_val_loss:
+        val = [row for row in history if "val_loss" in row]
+        axes[1].plot([r["epoch"] for r in val], [r["val_loss"] for r in val], "o-", color="C1", label="validation")
+        axes[1].set(xlabel="epoch", ylabel="cross-entropy", title="validation cross-entropy (epoch 0: zero-shot)")
+    val = [row for row in history if "val_acc" in row]
+    if val:
+        top1.plot([r["epoch"] for r in val], [r["val_acc"] for r in val], "o-", label="validation top-1")
+    baseline = history[0] if history and history[0]["epoch"] == 0 else {}
+    for key, label, style in (("val_top1", "zero-shot (validation)", ":"), ("test_top1", "zero-shot (test)", "--")):
+        if baseline.get(key) is not None:
+            top1.axhline(baseline[key], color="gray", linestyle=style, linewidth=1, label=label)
+    top1.set(xlabel="epoch", ylabel="top-1", title="accuracy", ylim=(0, 1))
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(run_dir / "curves.png", dpi=100)
@@ -477,25 +504,48 @@ def plot_curves(run_dir: Path, history: list[dict]) -> None:
 
 
 def plot_confusion(run_dir: Path, confusion: list[list[int]], classnames: list[str]) -> None:
+    """confusion.png: row-normalized colours with a colour bar, and the image counts in the cells."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    matrix = np.asarray(confusion, dtype=float)
-    matrix = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    size = max(4, 0.35 * len(classnames) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
+    counts = np.asarray(confusion, dtype=int)
+    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = max(5, 0.45 * len(classnames) + 3)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    shown = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="share of the true class's test images")
+    if len(classnames) <= 30:
+        for (i, j), n in np.ndenumerate(counts):
+            if n:
+                ax.text(j, i, str(n), ha="center", va="center", fontsize=7, color="white" if share[i, j] > 0.5 else "black")
     ax.set_xticks(range(len(classnames)), classnames, rotation=90, fontsize=8)
     ax.set_yticks(range(len(classnames)), classnames, fontsize=8)
-    ax.set(xlabel="predicted", ylabel="true", title="test confusion (row-normalized)")
+    ax.set(xlabel="predicted", ylabel="true", title=f"test confusion: {int(counts.sum())} images, "
+                                                    f"top-1 {np.trace(counts) / max(counts.sum(), 1):.1%}")
     fig.tight_layout()
     fig.savefig(run_dir / "confusion.png", dpi=100)
     plt.close(fig)
 
 
 # --------------------------------------------------------------------------- main
+
+@torch.no_grad()
+def zero_shot_row(classifier, tokenizer, splits: dict, evaluate) -> dict:
+    """History row for epoch 0: the pretrained model (adapters bypassed) on validation, test and new classes."""
+    row: dict[str, Any] = {"epoch": 0, "step": 0}
+    with orthserve.bypass(classifier):
+        if splits["val"] is not None:
+            result = evaluate(classifier, splits["val"], desc="zero-shot validate")
+            row.update(val_loss=result["loss"], val_acc=result["top1"], val_top1=result["top1"])
+        if splits["test"] is not None:
+            row["test_top1"] = evaluate(classifier, splits["test"], desc="zero-shot test")["top1"]
+        if splits["new"] is not None:
+            new = classifier_for(classifier, tokenizer, splits["new"].classnames)
+            row["new_top1"] = evaluate(new, splits["new"], desc="zero-shot new classes")["top1"]
+    return row
+
 
 def rng_state(cutout: torch.Generator) -> dict:
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -603,6 +653,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             set_rng_state(state["rng"], cutout_rng)
             step, start_epoch, history = state["step"], state["epoch"], state["history"]
             log.info("resumed from %s at epoch %d, step %d", run_dir / CHECKPOINT, start_epoch, step)
+        if not history:  # epoch 0: the pretrained model, what fine-tuning is measured against
+            history.append(zero_shot_row(classifier, tokenizer, splits, evaluate))
+            log.info("zero-shot (epoch 0): %s", ", ".join(f"{k} {v:.4g}" for k, v in history[0].items() if k != "epoch"))
 
         ran = 0
         sampler = EpochSampler(len(train_data), args.seed)
@@ -673,14 +726,32 @@ def main(argv: Sequence[str] | None = None) -> dict:
         metrics["new_top1"] = new["top1"]
         if "base_top1" in metrics:
             metrics["harmonic_mean"] = harmonic_mean(metrics["base_top1"], metrics["new_top1"])
+    final = {"test_top1": metrics.get("test", {}).get("top1"), "new_top1": metrics.get("new_top1")}
+    baseline = history[0] if history and history[0]["epoch"] == 0 else ({**final} if args.method == "zeroshot" else {})
+    metrics["zero_shot"] = {k: baseline.get(k) for k in ("val_top1", "test_top1", "new_top1")}
+    metrics["gain"] = {k: final[k] - metrics["zero_shot"][k] for k in final
+                       if final[k] is not None and metrics["zero_shot"][k] is not None}
     atomic_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     write_history(run_dir, history)
-    if history:
+    if len(history) > 1:
         plot_curves(run_dir, history)
     info.extra["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     info.save(run_dir)
-    log.info("wrote %s (test top-1 %s)", run_dir, metrics.get("test", {}).get("top1"))
+    log.info("wrote %s: %s", run_dir, result_line(metrics))
     return metrics
+
+
+def result_line(metrics: dict) -> str:
+    """The run's outcome against zero-shot, in one line."""
+    parts = []
+    for key, label in (("test_top1", "test top-1"), ("new_top1", "new-class top-1")):
+        now = metrics.get("test", {}).get("top1") if key == "test_top1" else metrics.get(key)
+        if now is None:
+            continue
+        before, gain = metrics["zero_shot"].get(key), metrics["gain"].get(key)
+        parts.append(f"{label} {now:.1%}" + ("" if before is None or gain is None else
+                                               f" (zero-shot {before:.1%}, {gain * 100:+.1f} points)"))
+    return "; ".join(parts) or "no test split"
 
 
 if __name__ == "__main__":
