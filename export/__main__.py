@@ -23,8 +23,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "'default' (orthserve-mini's embedded weights, its default) or 'none' (random weights); "
                         "required for other models")
     classes = parser.add_mutually_exclusive_group()
-    classes.add_argument("--classnames", metavar="FILE", help="with --model: class names, one per line")
-    classes.add_argument("--labels", help="with --model: comma-separated class names")
+    classes.add_argument("--classnames", metavar="FILE", help="with --model: class-names file, '<id> <readable name>' "
+                         "per line (a one-word line is both; docs/CLASSNAMES.md)")
+    classes.add_argument("--labels", help="with --model: class names as a JSON list or separated by commas")
     parser.add_argument("--template", action="append", dest="templates", metavar="TEXT",
                         help="with --model: prompt template with {} (repeatable); default: 'a photo of a {}.'")
     parser.add_argument("--out", required=True, metavar="ART_DIR", help="artifact directory (replaced if it exists)")
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from orthserve.models import WeightsUnavailableError, resolve_pretrained
 
     from . import ExportError, export_artifact, from_model, from_run
-    from .source import read_classnames
+    from orthserve.classnames import parse_labels, read_classnames
     from .towers import DEFAULT_OPSET, check_opset, check_variants
     from .verify import describe_variants
 
@@ -67,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             names: list[str] = []
             if args.classnames:
-                names = read_classnames(args.classnames)
+                names = list(read_classnames(args.classnames).values())
             elif args.labels:
-                names = [n.strip() for n in args.labels.split(",") if n.strip()]
+                names = parse_labels(args.labels)
             templates = args.templates or list(DEFAULT_TEMPLATES)
             if names and any("{}" not in t for t in templates):
                 raise ValueError("every --template needs a {} where the class name goes")

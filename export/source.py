@@ -56,19 +56,3 @@ def from_model(name: str, pretrained: str = "none", classnames: Sequence[str] = 
     classifier = CLIPClassifier(model, tokenizer, classnames, templates).eval() if classnames else None
     return Source(model=model, tokenizer=tokenizer, classifier=classifier, name=name, pretrained=str(pretrained),
                   method="zeroshot", adapters=[], preprocess=PreprocessSpec.from_model(model))
-
-
-def read_classnames(path: str | Path) -> list[str]:
-    """One class name per line; blank lines and ``#`` comments skipped.
-
-    ``<wnid> <name>`` lines (ImageNet's classnames.txt format) are not special-cased:
-    the whole line is the name, so pass a file of readable names.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"class-name file {path} does not exist")
-    names = [line.strip() for line in path.read_text().splitlines()]
-    names = [n for n in names if n and not n.startswith("#")]
-    if not names:
-        raise ValueError(f"class-name file {path} has no class names")
-    return names

@@ -13,7 +13,9 @@ from service.api import info_app, prepare_images
 from service.balance import ConnectionBalancer
 from service.batching import Batcher
 from service.runtime import ImageModel, TextModel, default_workers, open_artifact, rank, resolve_model
-from service.validation import Limits, RequestError, RequestGuard, check_texts, check_top_k, json_errors
+from service.openapi import DocsPages
+from service.validation import (LabelsField, Limits, RequestError, RequestGuard, check_texts, check_top_k, json_errors,
+                                labels_from_form)
 
 # Threads for decoding, preprocessing and the text tower.  anyio's default is 40; on a small machine that
 # only adds contention, and each thread's malloc arena adds resident memory (about +250 MB under load).
@@ -64,7 +66,8 @@ class Classifier:
         pixels = await self.in_thread(prepare_images, images, self.artifact.preprocess, self.limits)
         return await self.batcher(pixels)
 
-    async def candidates(self, labels: list[str] | None) -> tuple[list[str], np.ndarray]:
+    async def candidates(self, labels: LabelsField) -> tuple[list[str], np.ndarray]:
+        labels = labels_from_form(labels)
         if labels is None:
             if self.artifact.class_embeddings is None:
                 raise RequestError("this model has no classes of its own: pass 'labels'")
@@ -75,7 +78,7 @@ class Classifier:
 
     @bentoml.api
     @json_errors
-    async def classify(self, image: Path, labels: list[str] | None = None, top_k: int | None = None) -> dict:
+    async def classify(self, image: Path, labels: LabelsField = None, top_k: int | None = None) -> dict:
         """One image -> predictions over ``labels`` (zero-shot) or the model's classes."""
         names, class_emb = await self.candidates(labels)
         k = check_top_k(top_k, len(names))
@@ -84,7 +87,7 @@ class Classifier:
 
     @bentoml.api
     @json_errors
-    async def classify_batch(self, images: list[Path], labels: list[str] | None = None, top_k: int | None = None) -> dict:
+    async def classify_batch(self, images: list[Path], labels: LabelsField = None, top_k: int | None = None) -> dict:
         """Several images, same options -> one result per image, in order."""
         names, class_emb = await self.candidates(labels)
         k = check_top_k(top_k, len(names))
@@ -108,4 +111,5 @@ class Classifier:
 
 
 Classifier.add_asgi_middleware(RequestGuard)
+Classifier.add_asgi_middleware(DocsPages)  # our root page and OpenAPI document (service/openapi.py)
 Classifier.add_asgi_middleware(ConnectionBalancer, workers=WORKERS)  # keep-alive clients spread over the workers

@@ -17,6 +17,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from orthserve.classnames import ClassNamesError, parse_labels
 from orthserve.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 
 DEFAULT_TOP_K = 5
@@ -93,14 +94,12 @@ def check_texts(texts: Sequence[str] | None, limits: Limits, what: str = "labels
 
 
 def check_top_k(top_k: int | None, n_classes: int) -> int:
-    """``None`` -> min(5, n); 0, negative or above the number of candidates -> 400."""
+    """``None`` -> min(5, n); above the number of candidates -> all of them; 0 or negative -> 400."""
     if top_k is None:
         return min(DEFAULT_TOP_K, n_classes)
     if top_k < 1:
         raise RequestError(f"top_k must be at least 1, got {top_k}")
-    if top_k > n_classes:
-        raise RequestError(f"top_k={top_k} is above the number of candidate labels ({n_classes})")
-    return top_k
+    return min(top_k, n_classes)
 
 
 def read_image(path: Path, limits: Limits, index: int | None = None, image_size: int | None = None):
@@ -112,24 +111,70 @@ def read_image(path: Path, limits: Limits, index: int | None = None, image_size:
         raise RequestError(f"{where}: {err}") from err
 
 
+def parse_labels_field(text: str) -> list[str]:
+    """The ``labels`` form field (a JSON list or comma-separated names, as ``export --labels``) -> names; 400 if neither."""
+    try:
+        return parse_labels(text)
+    except ClassNamesError as err:
+        raise RequestError(str(err)) from err
+
+
+# The ``labels`` form field as the API receives it: BentoML JSON-decodes every text field it can
+# ('["a", "b"]' -> a list, '0' -> 0) and passes the rest as text; :func:`labels_from_form` undoes that.
+LabelsField = Any
+
+
+def labels_from_form(value: LabelsField) -> list[str] | None:
+    """``labels`` after BentoML's decoding -> the names (the guard has checked the raw text already)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return parse_labels_field(value)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return [v.strip() for v in value]
+    if isinstance(value, list):
+        raise RequestError('labels: expected a JSON list of strings, e.g. ["cat", "dog"], or names separated by commas')
+    return [json.dumps(value, ensure_ascii=False)]  # e.g. labels=0: one name that JSON read as a number
+
+
 def check_form_options(form) -> JSONResponse | None:
-    """``labels``: one form field holding a JSON list of strings; ``top_k``: an integer."""
+    """``labels``: one text field (JSON list or comma-separated names); ``top_k``: an integer."""
     labels = form.getlist("labels")
     if len(labels) > 1:
-        return error_response('send labels as one form field holding a JSON list, e.g. labels=["cat", "dog"]', 400)
+        return error_response('send labels as one form field: a JSON list, e.g. labels=["cat", "dog"], or '
+                              "names separated by commas, e.g. labels=cat, dog", 400)
     if labels:
+        if not isinstance(labels[0], str):
+            return error_response("labels must be a text field, not a file upload", 400)
         try:
-            value = json.loads(labels[0]) if isinstance(labels[0], str) else None
-        except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's recursion limit
-            value = None
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            return error_response('labels must be a JSON list of strings, e.g. labels=["cat", "dog"]', 400)
+            check_texts(parse_labels_field(labels[0]), Limits.from_env())
+        except RequestError as err:
+            return error_response(err.message, err.status)
     top_k = form.get("top_k")
     if top_k is not None:
         try:
             int(top_k) if isinstance(top_k, str) else int("x")
         except ValueError:
             return error_response(f"top_k must be an integer, got {str(top_k)[:50]!r}", 400)
+    return None
+
+
+def check_json_fields(path: str, value: Any) -> JSONResponse | None:
+    """The JSON routes' bodies in our words (not pydantic's error list): ``{"texts": [strings]}``."""
+    example = '{"texts": ["a photo of a cat", "a dog"]}'
+    if not isinstance(value, dict):
+        return error_response(f"{path} takes a JSON object, e.g. {example}", 400)
+    unknown = sorted(set(value) - {"texts"})
+    if unknown:
+        return error_response(f"{path}: unknown field(s) {unknown}; it takes only 'texts', e.g. {example}", 400)
+    texts = value.get("texts")
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        return error_response(f"{path}: 'texts' must be a list of strings, e.g. {example}", 400)
+    try:
+        limits = Limits.from_env()
+        check_texts(texts, limits, "texts", limits.max_texts)
+    except RequestError as err:
+        return error_response(err.message, err.status)
     return None
 
 
@@ -199,12 +244,12 @@ class RequestGuard:
             if media != "application/json":
                 return error_response(f"{path} takes application/json, got {media or 'no content type'}", 415)
             try:
-                json.loads(body or b"null")
+                value = json.loads(body or b"null")
             except ValueError as err:
                 return error_response(f"request body is not valid JSON: {err}", 400)
             except RecursionError:  # e.g. [[[[...]]]] 100,000 deep: was an unhandled 500
                 return error_response("request body is not valid JSON: nested too deeply", 400)
-            return None
+            return check_json_fields(path, value)
         if media != "multipart/form-data":
             return error_response(f"{path} takes multipart/form-data with the image as a file field "
                                   f"'{MULTIPART_ROUTES[path]}', got {media or 'no content type'}", 415)

@@ -140,7 +140,7 @@ def test_refuses_to_replace_a_directory_that_is_not_an_artifact(tmp_path):
     (["--model", "no-such-model"], "unknown model 'no-such-model'"),
     (["--model", TINY, "--pretrained", "none", "--variant", "fp8"], "unknown variant 'fp8'"),
     (["--model", TINY, "--pretrained", "none", "--opset", "13"], "opset 13 is too old"),
-    (["--model", TINY, "--pretrained", "none", "--classnames", "/nonexistent/classes.txt"], "class-name file"),
+    (["--model", TINY, "--pretrained", "none", "--classnames", "/nonexistent/classes.txt"], "class-names file"),
     (["--model", TINY, "--pretrained", "/nonexistent/weights.safetensors"], "does not exist"),
     (["--model", TINY, "--pretrained", "none", "--bento-model", "Bad Name!"], "invalid --bento-model name"),
 ])

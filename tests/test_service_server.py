@@ -212,3 +212,74 @@ def test_both_workers_count_requests_in_flight_on_one_board(server):
     boards = list(board_folder().glob(f"{BOARD_PREFIX}{server.server_pid}-*"))
     assert [b.name for b in boards] == [f"{BOARD_PREFIX}{server.server_pid}-2"]
     assert np.fromfile(boards[0], dtype=np.int32).tolist() == [0, 0]
+
+
+# --------------------------------------------------------------------------- OpenAPI conformance (schemathesis)
+
+schemathesis = pytest.importorskip("schemathesis")
+from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import strategies as hs  # noqa: E402
+
+
+def _png(size: tuple[int, int], color: tuple[int, int, int]) -> bytes:
+    from PIL import Image
+
+    from service_helpers import encode
+
+    return encode(Image.new("RGB", size, color), "PNG")
+
+
+# uploads the document calls `format: binary` are images: random bytes would only exercise the 400 path
+schemathesis.openapi.format("binary", hs.builds(_png, hs.tuples(hs.integers(1, 96), hs.integers(1, 96)),
+                                                 hs.tuples(*[hs.integers(0, 255)] * 3)))
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_openapi_document_describes_what_the_service_does(server, mode):
+    """Every operation of /docs.json with generated requests (schemathesis; valid ones, then invalid ones):
+    no server error, status codes, content types and bodies as documented, schema-valid requests accepted
+    and invalid ones refused. A bounded number of examples per operation keeps it to about a minute."""
+    from hypothesis import given
+
+    schema = schemathesis.openapi.from_url(f"{server.base_url}/docs.json")
+    failures = {}
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        if mode == "negative" and operation.method.upper() == "GET":
+            continue  # no input to get wrong
+
+        @given(case=operation.as_strategy(generation_mode=schemathesis.GenerationMode(mode)))
+        @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+                  derandomize=True)  # the same requests every run
+        def check(case):
+            # a multipart text field is text on the wire: "-38" is a valid label, though schemathesis counts it
+            # as a number sent where the document says string; JSON bodies keep the check
+            multipart = case.media_type == "multipart/form-data"
+            excluded = [schemathesis.checks.negative_data_rejection] if multipart else []
+            case.call_and_validate(base_url=str(server.base_url), excluded_checks=excluded)
+
+        try:
+            check()
+        except Exception as err:  # schemathesis raises a failure group per operation
+            failures[operation.label] = str(err)[:1500]
+    assert not failures, failures
+
+
+def test_root_page_and_document_carry_the_project(server):
+    page = server.get("/")
+    assert page.status_code == 200 and "<title>orthserve" in page.text and "googletagmanager" not in page.text
+    doc = server.get("/docs.json").json()
+    assert doc["info"]["title"] == "orthserve" and "curl -F image=@photo.jpg" in doc["info"]["description"]
+    assert "get" in doc["paths"]["/model"]
+    labels = doc["paths"]["/classify"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["labels"]
+    assert labels["type"] == "string" and "commas" in labels["description"]
+
+
+def test_labels_in_either_form_and_our_own_json_errors(server):
+    photo = photos(1)[0].read_bytes()
+    as_json = classify(server, photo, labels=["ant", "bee"]).json()
+    as_commas = server.post("/classify", files={"image": ("p.jpg", photo, "image/jpeg")}, data={"labels": "ant, bee"}).json()
+    assert as_json == as_commas and [p["label"] for p in as_json["predictions"]] in (["ant", "bee"], ["bee", "ant"])
+    wrong_key = server.post("/embed_text", json={"text": ["a dog"]})
+    assert wrong_key.status_code == 400 and "unknown field(s) ['text']" in wrong_key.json()["error"]
+    assert set(wrong_key.json()) == {"error"}  # no pydantic error list, no link to pydantic's site

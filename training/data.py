@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from orthserve.classnames import read_classnames  # noqa: F401  (re-exported: one home)
 from orthserve.preprocess import ImageDecodeError, PreprocessSpec, decode_image, preprocess
 
 log = logging.getLogger("training.data")
@@ -63,25 +64,6 @@ class LabelledSet:
 
 
 # --------------------------------------------------------------------------- discovery
-
-def read_classnames(path: str | Path) -> dict[str, str]:
-    """``<folder> <readable name>`` per line (tiny-imagenet/ImageNet ``classnames.txt`` format)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"classnames file {path} does not exist")
-    names: dict[str, str] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        folder, _, readable = line.partition(" ")
-        if not readable.strip():
-            raise DataError(f"{path}:{number}: expected '<folder> <readable name>', got {line!r}")
-        names[folder] = readable.strip()
-    if not names:
-        raise DataError(f"classnames file {path} is empty")
-    return names
-
 
 def readable_names(classes: Sequence[str], classnames_file: str | Path | None) -> list[str]:
     """Readable names for folder names: from the file, else the folder name with '_' as a space."""

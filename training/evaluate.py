@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None, help="weights for zero-shot evaluation: open_clip tag, file, "
                    "'default' (orthserve-mini's, its default) or 'none' (random); required for other models")
     p.add_argument("--data", required=True, help="ImageFolder directory or CSV manifest (path,label)")
-    p.add_argument("--classnames", help="file of '<folder> <readable name>' lines; default: folder names, '_' as space")
+    p.add_argument("--classnames", help="class-names file, '<folder> <readable name>' per line (docs/CLASSNAMES.md); default: folder names, '_' as space")
     p.add_argument("--subsample", default="all", choices=SUBSAMPLES, help="evaluate all classes, the base half or the new half")
     p.add_argument("--template", action="append", help="prompt template(s) for zero-shot (default: 'a photo of a {}.'); "
                    "runs use their own templates")

@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default: {DEFAULT_TEMPLATES[0]!r})")
     g = p.add_argument_group("data (CoOp few-shot protocol)")
     g.add_argument("--data", help="ImageFolder directory (one sub-folder per class) or CSV manifest 'path,label'")
-    g.add_argument("--classnames", help="file of '<folder> <readable name>' lines; default: folder names with '_' as space")
+    g.add_argument("--classnames", help="class-names file, '<folder> <readable name>' per line (docs/CLASSNAMES.md); default: folder names with '_' as space")
     g.add_argument("--shots", type=int, default=16, help="training images per class, drawn with --seed (0: all images)")
     g.add_argument("--seed", type=int, default=1, help="seed for shot sampling, augmentation, Cutout, init")
     g.add_argument("--subsample", default="all", choices=SUBSAMPLES,
