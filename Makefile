@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARTIFACT ?= artifacts/default
+OUT ?= runs/mine
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: serve test install install-test artifact clean gpu-wheels gpu-data gpu-check
+.PHONY: serve test install install-test artifact finetune clean gpu-wheels gpu-data gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +24,11 @@ artifact: install
 	@# (re-)export when there is no artifact or it is from an older orthserve (schema, tokenizer.json)
 	$(PY) -c "from orthserve.artifact import load_artifact; load_artifact('$(ARTIFACT)')" 2>/dev/null || $(PY) -m export --model orthserve-mini --pretrained default \
 		--classnames orthserve/weights/orthserve-mini.classes.txt --int8 --out $(ARTIFACT)
+
+# Fine-tune the built-in model on DATA (one sub-folder of images per class); ARGS adds training options.
+finetune: install
+	@test -n "$(DATA)" || { echo "usage: make finetune DATA=path/to/images [OUT=runs/mine] [ARGS='--shots 8 --epochs 20']" >&2; exit 2; }
+	$(PY) -m training.finetune --data $(DATA) --out $(OUT) $(ARGS)
 
 serve: artifact
 	ORTHSERVE_MODEL=$(ARTIFACT) $(VENV)/bin/bentoml serve service.service:Classifier --port $${PORT:-3000}

@@ -250,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     weights.parent.mkdir(parents=True, exist_ok=True)
     tmp = weights.with_name(f".{weights.name}.tmp")
     save_file(mini.shipped_state(model.cpu()), str(tmp))
+    tmp.chmod(0o644)  # safetensors writes owner-only files; the weights ship with the package
     tmp.replace(weights)
     metrics = {"history": history, "train_minutes": seconds / 60, "images": len(samples),
                "holdout_images": len(holdout.samples), "classes": len(train.classes),
