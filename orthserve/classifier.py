@@ -35,7 +35,7 @@ class CLIPClassifier(nn.Module):
         tokens = tokenizer(prompts)
         self.register_buffer("prompt_tokens", tokens.view(len(self.classnames), len(self.templates), -1), persistent=False)
         self.taskres: TaskResidual | None = None
-        self._cached_text: torch.Tensor | None = None
+        self._cached_text: tuple[tuple, torch.Tensor] | None = None  # (text tower's tensors when computed, features)
 
     def add_taskres(self, config: TaskResConfig) -> TaskResidual:
         dim = self.text_features().shape[-1]
@@ -46,17 +46,28 @@ class CLIPClassifier(nn.Module):
         return any(p.requires_grad for n, p in self.model.named_parameters() if is_text_side(n)) or any(
             isinstance(m, WeightAdapter) for n, m in self.model.named_modules() if is_text_side(n))
 
+    def _text_tensors(self) -> tuple:
+        """Which tensors the text tower is made of now: inject, fold and load_state_dict(assign=True) change it."""
+        return tuple((n, id(t), t.data_ptr()) for n, t in self.model.state_dict(keep_vars=True).items() if is_text_side(n))
+
     def text_features(self) -> torch.Tensor:
-        """``[classes, dim]`` normalized prompt-ensemble embeddings from the (adapted) text tower."""
-        if self._cached_text is not None and not self.text_is_adapted():
-            return self._cached_text
+        """``[classes, dim]`` normalized prompt-ensemble embeddings from the (adapted) text tower.
+
+        Computed once while the text tower is frozen and made of the same tensors; recomputed on every call
+        while it is adapted (gradients reach text adapters). After changing frozen text weights in place
+        (``copy_``), call :meth:`forget_text_features`."""
+        adapted = self.text_is_adapted()
+        if not adapted and self._cached_text is not None and self._cached_text[0] == self._text_tensors():
+            return self._cached_text[1]
         classes, templates, length = self.prompt_tokens.shape
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_is_adapted()):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and adapted):
             per_prompt = F.normalize(self.model.encode_text(self.prompt_tokens.view(-1, length)), dim=-1)
             features = F.normalize(per_prompt.view(classes, templates, -1).mean(dim=1), dim=-1)
-        if not self.text_is_adapted():
-            self._cached_text = features.detach()
+        self._cached_text = None if adapted else (self._text_tensors(), features.detach())
         return features
+
+    def forget_text_features(self) -> None:
+        self._cached_text = None
 
     def class_embeddings(self) -> torch.Tensor:
         features = self.text_features()

@@ -284,3 +284,23 @@ def test_rotating_inputs_gives_the_same_outputs_and_gradients(tiny, max_norm):
         assert torch.allclose(frozen_inside, classifier(images), atol=1e-6)
     assert not any(a.applied_to_input for a in adapters)
     assert all(not m._forward_pre_hooks for m in classifier.modules() if isinstance(m, nn.Linear))
+
+
+def test_folded_classifier_does_not_reuse_class_embeddings_cached_before_adaptation(tiny):
+    """Issue 26: a frozen base, TaskRes (caches the class embeddings), then an orthogonal adapter on the text
+    tower, then fold: the folded classifier must give the adapted logits, not the pre-adaptation ones."""
+    model, _, tokenizer = tiny
+    model.requires_grad_(False)  # as users hold a pretrained model
+    clf = orthserve.CLIPClassifier(model, tokenizer, ["cat", "dog", "bird"], ["a photo of a {}."]).eval()
+    orthserve.inject(clf, orthserve.TaskResConfig(alpha=0.5))
+    orthserve.inject(clf, orthserve.OrthogonalConfig())
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in orthserve.adapter_parameters(clf).values():
+            p.add_(0.3 * torch.randn_like(p))
+    images = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        adapted = clf(images)
+        orthserve.fold(clf)
+        folded = clf(images)
+    assert torch.allclose(folded, adapted, atol=1e-4), (folded - adapted).abs().max()
