@@ -187,8 +187,6 @@ def styled_copy(source: Path, classes: Iterable[str], style: str, cache: Path) -
     Each class folder is written under a temporary name and renamed when complete, so an
     interrupted run never leaves a half-rendered class behind.
     """
-    from PIL import Image
-
     from orthserve.preprocess import decode_image
 
     version, transform = STYLES[style]
@@ -403,10 +401,10 @@ def write_outputs(result: dict, out: Path, name: str, markdown: Callable[[dict],
 
 
 def write_text(path: Path, text: str) -> None:
+    from orthserve.files import atomic_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_text(path, text)
 
 
 def environment() -> dict:

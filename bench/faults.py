@@ -118,7 +118,7 @@ def training_faults(work: Path, kills: int, epochs: int, reference: bool, seed: 
         on_write = i % 2 == 0  # alternate: the moment a checkpoint temp file appears, or a random time
         # this process's own temp file: earlier killed runs leave theirs behind (named by their pid)
         kill = kill_when(proc, deadline_s=rng.uniform(4.0, 25.0) if not on_write else 120.0,
-                         watch=run, pattern=f".checkpoint.pt.tmp-{proc.pid}", delay_after_seen=rng.uniform(0.0, 0.03))
+                         watch=run, pattern=f".checkpoint.pt.tmp-{proc.pid}-*", delay_after_seen=rng.uniform(0.0, 0.03))
         stderr = proc.stderr.read() if proc.stderr else ""
         state = inspect_run(run)
         event = {"attempt": i + 1, "command": cmd_kind, "mode": "on checkpoint write" if on_write else "random time",

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import orthserve
+from orthserve.files import readable_mode
 from orthserve.artifact import (CHECKPOINT_FILE, CLASSIFIER_FILE, COMPONENTS, MANIFEST_FILE, PARITY_FILE,
                                 SCHEMA_VERSION, TOKENIZER_FILE, file_entries, onnx_file)
 from orthserve.tokenizer import load_tokenizer, write_tokenizer
@@ -198,10 +199,8 @@ def build(source: Source, root: Path, variants: Sequence[str] = (), images_dir: 
 
 def _make_readable(root: Path) -> None:
     """safetensors writes owner-only files; the service may run as another user."""
-    umask = os.umask(0)
-    os.umask(umask)
     for path in root.iterdir():
-        path.chmod(0o666 & ~umask)
+        path.chmod(readable_mode())
 
 
 def _check_destination(out: Path) -> None:

@@ -8,7 +8,6 @@ RUN_DIR/
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from .classifier import CLIPClassifier
+from .files import atomic_text
 from .models import NO_WEIGHTS, load_model
 from .surgery import load_adapters
 
@@ -38,11 +38,7 @@ class RunInfo:
     format: str = RUN_FORMAT
 
     def save(self, run_dir: str | Path) -> Path:
-        path = Path(run_dir) / RUN_FILE
-        tmp = path.with_name(f".{RUN_FILE}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        os.replace(tmp, path)
-        return path
+        return atomic_text(Path(run_dir) / RUN_FILE, json.dumps(asdict(self), indent=2))
 
     @classmethod
     def read(cls, run_dir: str | Path) -> "RunInfo":

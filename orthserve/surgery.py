@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -17,8 +16,10 @@ from typing import Iterator, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
 from torch.nn.utils import parametrize
 
+from .files import atomic_write
 from .adapters.cayley import resolve_kernel
 from .adapters import (AdapterConfig, BlockRotation, TaskResConfig, TaskResidual, WeightAdapter, batched_rotation_blocks,
                        config_from_dict, orthogonality_error)
@@ -240,15 +241,6 @@ def fold(target: nn.Module) -> nn.Module:
     return target
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_adapters(path: str | Path, target: nn.Module, configs: Sequence[AdapterConfig]) -> Path:
     """Write only the adapters' tensors (safetensors) with their configs in the metadata.
 
@@ -259,8 +251,8 @@ def save_adapters(path: str | Path, target: nn.Module, configs: Sequence[Adapter
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {n: p.detach().float().cpu().contiguous() for n, p in adapter_parameters(target).items()}
     meta = json.dumps({"format": ADAPTER_FORMAT, "adapters": [c.to_dict() for c in configs]})
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"orthserve": meta}))
-    _atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(json.loads(meta), indent=2)))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"orthserve": meta}))
+    atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(json.loads(meta), indent=2)))
     return path
 
 

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 import orthserve
 from orthserve import cli
+from orthserve.files import atomic_text
 from orthserve.classifier import DEFAULT_TEMPLATES
 from orthserve.preprocess import PreprocessSpec
 from orthserve.runs import RunInfo, load_base_model, load_run
@@ -138,9 +139,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out = args.out or (Path(args.run) / f"eval-{Path(args.data).stem}-{args.subsample}.json" if args.run else None)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(out).with_name(f".{Path(out).name}.tmp-{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, out)
+        atomic_text(out, text)
         log.info("wrote %s", out)
     print(json.dumps({k: v for k, v in metrics.items() if k not in ("confusion", "classes")}, indent=2))
     return metrics

@@ -29,7 +29,6 @@ import os
 import platform
 import random
 import subprocess
-import sys
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -42,6 +41,7 @@ from torch.utils.data import DataLoader
 
 import orthserve
 from orthserve import cli
+from orthserve.files import atomic_text, atomic_write
 from orthserve.adapters import ATTENTION_TARGETS, FFN_TARGETS, AdapterConfig
 from orthserve.classifier import DEFAULT_TEMPLATES
 from orthserve.preprocess import PreprocessSpec
@@ -383,15 +383,7 @@ def compile_objective(objective, mode: str = "default"):
 # --------------------------------------------------------------------------- run directory
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def git_commit() -> str | None:
@@ -424,9 +416,7 @@ def save_weights(classifier, configs, run_dir: Path, method: str) -> None:
         from safetensors.torch import save_file
 
         state = {k: v.detach().float().cpu().contiguous().clone() for k, v in classifier.model.state_dict().items()}
-        tmp = run_dir / f".{ADAPTER_FILE}.tmp-{os.getpid()}"
-        save_file(state, str(tmp))
-        os.replace(tmp, run_dir / ADAPTER_FILE)
+        atomic_write(run_dir / ADAPTER_FILE, lambda tmp: save_file(state, str(tmp)))
     else:
         orthserve.save_adapters(run_dir / ADAPTER_FILE, classifier, configs)
 
@@ -454,12 +444,14 @@ def write_history(run_dir: Path, history: list[dict]) -> None:
     if not history:
         return
     fields = list(dict.fromkeys(k for row in history for k in row))
-    tmp = run_dir / f".log.csv.tmp-{os.getpid()}"
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, run_dir / "log.csv")
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(history)
+
+    atomic_write(run_dir / "log.csv", write)
 
 
 def plot_curves(run_dir: Path, history: list[dict]) -> None:

@@ -46,10 +46,11 @@ from tqdm import tqdm
 
 import orthserve
 from orthserve import cli, mini
+from orthserve.files import atomic_text, atomic_write
 from orthserve.classifier import CLIPClassifier
 from orthserve.preprocess import PreprocessSpec, decode_image, to_pixels
 from training.data import load_labelled, per_class
-from training.finetune import atomic_text, atomic_torch_save, git_commit, lr_lambda, plot_curves, versions
+from training.finetune import atomic_torch_save, git_commit, lr_lambda, plot_curves, versions
 
 TEMPLATES = (
     "a photo of a {}.", "a blurry photo of a {}.", "a low resolution photo of a {}.", "a close-up photo of a {}.",
@@ -70,9 +71,12 @@ def decoded_images(paths: Sequence[str], spec: PreprocessSpec) -> np.ndarray:
     for i, path in enumerate(tqdm(paths, desc="decoding images", unit="img")):
         array[i] = to_pixels(decode_image(Path(path).read_bytes()), spec)
     CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npy")
-    np.save(tmp, array)
-    tmp.replace(cache)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as handle:  # a file object: np.save would add ".npy" to a path
+            np.save(handle, array)
+
+    atomic_write(cache, write)
     return array
 
 
@@ -248,10 +252,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     weights = Path(args.weights_out)
     weights.parent.mkdir(parents=True, exist_ok=True)
-    tmp = weights.with_name(f".{weights.name}.tmp")
-    save_file(mini.shipped_state(model.cpu()), str(tmp))
-    tmp.chmod(0o644)  # safetensors writes owner-only files; the weights ship with the package
-    tmp.replace(weights)
+    atomic_write(weights, lambda tmp: save_file(mini.shipped_state(model.cpu()), str(tmp)))
     metrics = {"history": history, "train_minutes": seconds / 60, "images": len(samples),
                "holdout_images": len(holdout.samples), "classes": len(train.classes),
                "command": "python -m training.pretrain " + " ".join(sys.argv[1:] if argv is None else argv),
