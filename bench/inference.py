@@ -41,7 +41,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -241,9 +240,11 @@ def service_layout_rates(art, pixels: np.ndarray, args) -> dict:
 
 
 def class_embeddings(text_run, art, labels: list[str], template: str = "a photo of {}.") -> np.ndarray:
-    emb = np.concatenate([text_run(art.tokenize([template.format(l) for l in labels[i:i + 64]]))
+    from orthserve import prompts
+
+    emb = np.concatenate([text_run(art.tokenize(prompts.prompts(labels[i:i + 64], [template])))
                           for i in range(0, len(labels), 64)])
-    return emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    return prompts.class_embeddings(emb, len(labels), 1)
 
 
 def tiny_imagenet_names() -> list[str]:

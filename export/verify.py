@@ -12,10 +12,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from orthserve.artifact import ort_session
+from orthserve.prompts import class_embeddings, prompts
 from orthserve.classifier import CLIPClassifier
 from orthserve.preprocess import PreprocessSpec, load_pixels, to_pixels
 
@@ -70,15 +70,12 @@ def verification_images(spec: PreprocessSpec, images_dir: str | Path | None = No
 
 def verification_texts(classifier: CLIPClassifier | None) -> list[str]:
     """The classifier's prompts first (class-major, as ``prompt_tokens``), then assorted lengths."""
-    prompts = [t.format(c) for c in classifier.classnames for t in classifier.templates] if classifier else []
-    return prompts + list(EXTRA_TEXTS)
+    return (prompts(classifier.classnames, classifier.templates) if classifier else []) + list(EXTRA_TEXTS)
 
 
 def class_matrix(prompt_embeddings: torch.Tensor, classifier: CLIPClassifier) -> torch.Tensor:
     """Class embeddings from per-prompt embeddings, exactly as ``CLIPClassifier.class_embeddings``."""
-    classes, templates = len(classifier.classnames), len(classifier.templates)
-    per_prompt = F.normalize(prompt_embeddings[: classes * templates].float(), dim=-1)
-    features = F.normalize(per_prompt.view(classes, templates, -1).mean(dim=1), dim=-1)
+    features = class_embeddings(prompt_embeddings.float(), len(classifier.classnames), len(classifier.templates))
     return classifier.taskres(features) if classifier.taskres is not None else features
 
 

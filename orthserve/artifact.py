@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .preprocess import PreprocessSpec
+from .prompts import check_templates
 
 # 2: the image graph takes uint8 pixels and normalizes inside; the tokenizer ships as tokenizer.json
 SCHEMA_VERSION = 2
@@ -124,6 +125,10 @@ def _read_manifest(root: Path) -> dict:
     missing = [key for key in REQUIRED_KEYS if key not in manifest]
     if missing:
         raise ArtifactError(f"{path} lacks required keys {missing}")
+    try:
+        check_templates(manifest["templates"] or ["{}"])
+    except ValueError as err:
+        raise ArtifactError(f"{path}: {err}") from None
     tokenizer = manifest["tokenizer"]
     if not isinstance(tokenizer, dict) or tokenizer.get("file") not in manifest["files"]:
         raise ArtifactError(f"{root} has no {TOKENIZER_FILE} listed in its manifest: without it the service would need "

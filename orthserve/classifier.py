@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import TaskResConfig, TaskResidual, WeightAdapter
+from .prompts import check_templates, class_embeddings, prompts
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -30,9 +31,8 @@ class CLIPClassifier(nn.Module):
         if not classnames:
             raise ValueError("a classifier needs at least one class name")
         self.model = model
-        self.classnames, self.templates = list(classnames), list(templates)
-        prompts = [template.format(name) for name in self.classnames for template in self.templates]
-        tokens = tokenizer(prompts)
+        self.classnames, self.templates = list(classnames), check_templates(templates)
+        tokens = tokenizer(prompts(self.classnames, self.templates))
         self.register_buffer("prompt_tokens", tokens.view(len(self.classnames), len(self.templates), -1), persistent=False)
         self.taskres: TaskResidual | None = None
         self._cached_text: tuple[tuple, torch.Tensor] | None = None  # (text tower's tensors when computed, features)
@@ -61,8 +61,7 @@ class CLIPClassifier(nn.Module):
             return self._cached_text[1]
         classes, templates, length = self.prompt_tokens.shape
         with torch.set_grad_enabled(torch.is_grad_enabled() and adapted):
-            per_prompt = F.normalize(self.model.encode_text(self.prompt_tokens.view(-1, length)), dim=-1)
-            features = F.normalize(per_prompt.view(classes, templates, -1).mean(dim=1), dim=-1)
+            features = class_embeddings(self.model.encode_text(self.prompt_tokens.view(-1, length)), classes, templates)
         self._cached_text = None if adapted else (self._text_tensors(), features.detach())
         return features
 

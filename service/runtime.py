@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
+from orthserve.prompts import class_embeddings, prompts
 from orthserve.artifact import Artifact, load_artifact, ort_session
 from orthserve.preprocess import PreprocessSpec
 from service import gpu
@@ -226,7 +227,7 @@ class TextModel:
     def __init__(self, artifact: Artifact, cache_size: int = 256) -> None:
         self.artifact = artifact
         self.encoder = OnnxEncoder(artifact, "text", threads=1 if default_threads() <= 2 else 2)
-        self.templates = list(artifact.templates or ["{}"])
+        self.templates = list(artifact.templates or ["{}"])  # checked when the artifact loads
         self.cache: OrderedDict[tuple[str, ...], np.ndarray] = OrderedDict()
         self.cache_size, self.hits, self.misses = cache_size, 0, 0
         self.lock = threading.Lock()
@@ -253,19 +254,13 @@ class TextModel:
         key = tuple(labels)
         with self.lock:
             self.misses += 1
-        prompts = [format_template(t, label) for label in labels for t in self.templates]
-        emb = self.embed(prompts).reshape(len(labels), len(self.templates), -1).mean(axis=1)
-        emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
+        emb = class_embeddings(self.embed(prompts(labels, self.templates)), len(labels), len(self.templates))
         with self.lock:
             self.cache[key] = emb
             while len(self.cache) > self.cache_size:
                 self.cache.popitem(last=False)
         return emb
 
-
-def format_template(template: str, label: str) -> str:
-    """open_clip-style template strings: ``"a photo of a {}."`` or ``"a photo of a {c}."``."""
-    return template.replace("{c}", label).replace("{}", label) if "{" in template else f"{template} {label}"
 
 
 def rank(image_emb: np.ndarray, class_emb: np.ndarray, logit_scale: float, names: Sequence[str],
