@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                "classes": len(manifest["classnames"]), "max_abs_diff": {c: parity[c]["max_abs_diff"] for c in ("image", "text")},
                "variants": parity["variants"], "bento_tag": manifest.get("bento_tag")}
     print(json.dumps(summary, indent=2))
-    for line in describe_variants(parity["variants"]):
-        print(line)
+    for line in describe_variants(parity["variants"]):  # for people: stdout stays one JSON document
+        print(line, file=sys.stderr)
     return 0
 
 
