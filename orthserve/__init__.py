@@ -13,9 +13,11 @@ __version__ = "0.1.0"
 _HOMES = {
     ".adapters": ("AOFTConfig", "LoRAConfig", "OrthogonalConfig", "TaskResConfig"),
     ".classifier": ("CLIPClassifier",),
-    ".models": ("WeightsUnavailableError", "get_tokenizer", "load_model", "resolve_pretrained"),
-    ".surgery": ("adapter_parameters", "batched_rotations", "bypass", "count_trainable", "fast_rotations", "fold",
-                 "inject", "load_adapters", "max_orthogonality_error", "rotate_inputs", "save_adapters"),
+    ".errors": ("WeightsUnavailableError",),
+    ".models": ("get_tokenizer", "load_model", "resolve_pretrained"),
+    ".surgery": ("adapter_parameters", "batched_rotations", "bypass", "count_trainable", "disable_adapter",
+                 "fast_rotations", "fold", "inject", "load_adapters", "max_orthogonality_error", "merge_and_unload",
+                 "rotate_inputs", "save_adapters"),
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 __all__ = sorted(_HOME_OF)

@@ -10,12 +10,11 @@ import sys
 from typing import Callable, NoReturn
 
 from .artifact import ArtifactError
+from .errors import WeightsUnavailableError
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (data, flags, weights, files), not a bug."""
-    from .models import WeightsUnavailableError  # imports open_clip: only when a CLI runs
-
     return ValueError, FileNotFoundError, NotADirectoryError, WeightsUnavailableError, ArtifactError
 
 

@@ -28,6 +28,8 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .errors import WeightsUnavailableError
+
 MODEL_NAME = "orthserve-mini"
 WEIGHTS = Path(__file__).parent / "weights" / f"{MODEL_NAME}.safetensors"
 EMBED_DIM = 384  # MiniLM's width: no text projection needed
@@ -137,8 +139,6 @@ def register() -> str:
 
 def default_weights_path(must_exist: bool = False) -> str:
     if must_exist and not WEIGHTS.is_file():
-        from .models import WeightsUnavailableError
-
         raise WeightsUnavailableError(
             f"the embedded default weights for {MODEL_NAME} are missing ({WEIGHTS}); "
             f"train them with `python -m training.pretrain` or pass --pretrained none")

@@ -15,14 +15,13 @@ from typing import Any, Callable
 import open_clip
 import torch
 
+from . import mini
+from .errors import WeightsUnavailableError
+
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 NO_WEIGHTS = ("none", "", None)
 
 open_clip.add_model_config(CONFIG_DIR)
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights were asked for but cannot be loaded."""
 
 
 def _looks_like_path(pretrained: str) -> bool:
@@ -38,8 +37,6 @@ def resolve_pretrained(name: str, pretrained: str | None) -> str | None:
     ``None`` (the flag left out) means orthserve-mini's embedded weights for orthserve-mini, the
     weights that come with an ``hf-hub:`` / ``local-dir:`` name, and an error for every other model.
     """
-    from . import mini
-
     if name.startswith(HUB_PREFIXES):
         if pretrained not in (None, "none", ""):
             raise WeightsUnavailableError(f"{name} brings its own weights: leave --pretrained out")
@@ -89,11 +86,12 @@ def load_model(
 ) -> tuple[torch.nn.Module, Callable[[Any], torch.Tensor], Callable[..., torch.Tensor]]:
     """Return ``(model, preprocess, tokenizer)`` in eval mode on ``device``.
 
+    Note the order: open_clip's ``create_model_and_transforms`` returns ``(model, preprocess_train,
+    preprocess_val)`` and the tokenizer comes from ``get_tokenizer``; here the third item is the tokenizer.
+
     ``preprocess`` is open_clip's eval transform (PIL image -> tensor); the service and
     export use the NumPy twin in :mod:`orthserve.preprocess`, tested equal to it.
     """
-    from . import mini  # registers orthserve-mini (needs the local MiniLM path at runtime)
-
     name = mini.register() if name == mini.MODEL_NAME else resolve_model_name(name)
     checkpoint = None if pretrained in NO_WEIGHTS else str(pretrained)
     if checkpoint == "default" and name == mini.MODEL_NAME:
@@ -144,7 +142,5 @@ def image_size(model: torch.nn.Module) -> int:
 
 def get_tokenizer(name: str) -> Callable[..., torch.Tensor]:
     """open_clip tokenizer for a model name (registers orthserve-mini first)."""
-    from . import mini
-
     name = mini.register() if name == mini.MODEL_NAME else resolve_model_name(name)
     return open_clip.get_tokenizer(name)

@@ -241,6 +241,15 @@ def fold(target: nn.Module) -> nn.Module:
     return target
 
 
+# Hugging Face PEFT's names for the same operations (docs/LIBRARY.md maps the rest)
+disable_adapter = bypass
+
+
+def merge_and_unload(target: nn.Module) -> nn.Module:
+    """PEFT's name for :func:`fold`: merge every weight adapter into its weight and remove it (in place)."""
+    return fold(target)
+
+
 def save_adapters(path: str | Path, target: nn.Module, configs: Sequence[AdapterConfig]) -> Path:
     """Write only the adapters' tensors (safetensors) with their configs in the metadata.
 

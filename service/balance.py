@@ -11,9 +11,14 @@ client reconnects, and the idle worker, waiting in accept, usually takes it.  A 
 connection; a lopsided one is evened out after a few responses.  Side by side (2026-12-04, 2 CPUs, ViT-B-32),
 service / raw session at 8 and 32 clients: 0.99-1.00 and 0.94-1.02 over three runs, against 0.92 and 0.82 for
 the previous rule, closing every 8th response regardless (bench/results/service_vs_raw_vitb32.md).
+
+Turn it off (``ORTHSERVE_BALANCE=0``) behind a load balancer or an ingress that already spreads connections
+over replicas, or where every client opens a new connection per request: then there is nothing to even out,
+and closing a connection only costs the client a reconnect.
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -44,14 +49,21 @@ class InFlightBoard:
     @classmethod
     def for_this_server(cls, workers: int, folder: Path | None = None) -> InFlightBoard | None:
         """The board shared by this server's workers (their common parent process names it), or None where this
-        process is not a numbered BentoML worker (tests, one worker: nothing to balance)."""
-        from bentoml._internal.context import server_context
+        process is not a numbered BentoML worker (tests, one worker: nothing to balance), and where BentoML no
+        longer says which worker this is (fails soft: no balancing, one warning)."""
+        import bentoml
 
-        if workers < 2 or server_context.worker_index is None:
+        index = getattr(getattr(bentoml, "server_context", None), "worker_index", None)  # public since BentoML 1.2
+        if workers < 2:
+            return None
+        if index is None:
+            if getattr(bentoml, "server_context", None) is None:
+                logging.getLogger("orthserve.service").warning(
+                    "this BentoML has no bentoml.server_context.worker_index: connection balancing is off")
             return None
         folder = folder or board_folder()
         remove_boards_of_stopped_servers(folder)
-        return cls(folder / f"{BOARD_PREFIX}{os.getppid()}-{workers}", workers, server_context.worker_index - 1)
+        return cls(folder / f"{BOARD_PREFIX}{os.getppid()}-{workers}", workers, index - 1)
 
     def should_hand_off(self) -> bool:
         """At least 2 more in flight here than at the least busy worker: moving one client narrows the gap."""

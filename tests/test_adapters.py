@@ -304,3 +304,10 @@ def test_folded_classifier_does_not_reuse_class_embeddings_cached_before_adaptat
         orthserve.fold(clf)
         folded = clf(images)
     assert torch.allclose(folded, adapted, atol=1e-4), (folded - adapted).abs().max()
+
+
+def test_peft_style_names_are_the_same_operations(tiny):
+    model, _, tokenizer = tiny
+    assert orthserve.disable_adapter is orthserve.bypass
+    orthserve.inject(model, orthserve.LoRAConfig())
+    assert orthserve.merge_and_unload(model) is model and not list(orthserve.surgery.adapters(model))
