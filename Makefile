@@ -7,7 +7,7 @@ OUT ?= runs/mine
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: serve test install install-test artifact finetune clean gpu-wheels gpu-data gpu-check
+.PHONY: serve test test-fast install install-test artifact finetune clean gpu-wheels gpu-data gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest -q
+
+# The suite without the end-to-end tests marked slow (live servers, the README walkthrough, compile).
+test-fast: install
+	$(PY) -m pytest -q -m 'not slow'
 
 artifact: install
 	@# (re-)export when there is no artifact or it is from an older orthserve (schema, tokenizer.json)
