@@ -222,20 +222,13 @@ def to_int8(source: Path, target: Path, keep_fp32: Sequence[str] | None = None) 
     for CPUs, except the few that int8's error hurts most (``int8_sensitive_nodes``).  ``Attention`` nodes
     become onnxruntime's ``QAttention`` (int8 q/k/v projections, attention itself in fp32), except those with
     an attention bias (a padding mask), which QAttention cannot take.  The
-    patch-embedding convolution stays fp32: onnxruntime's ConvInteger took 10% of the int8 image tower's
-    time for 1% of its work, and the first layer's precision carries through.  GELU becomes its tanh form
-    (``FastGelu``), its bias an ``Add`` that onnxruntime folds into the int8 multiply before it: the fused
-    ``BiasGelu`` took a fifth of the int8 image tower's time (orthserve-mini, batch 32).  With the bias moved
-    out, the exact form (``Gelu``) measured the same speed (+0-5%, within noise) and no better agreement with
-    fp32 (Tiny-ImageNet val 99.22-99.28% against 99.18-99.26%, held-out train photos 99.14-99.27% against
-    99.34-99.50%, 2026-12-03), so the tanh form stays.
-    Weights use 7 of their 8 bits (``reduce_range``): on CPUs without VNNI or AMX (AVX2 only, e.g. AMD Zen 3)
+    patch-embedding convolution stays fp32 (onnxruntime's ConvInteger was slow for its share of the work, and
+    the first layer's precision carries through). GELU becomes its tanh form (``FastGelu``) with its bias an
+    ``Add`` that onnxruntime folds into the int8 multiply before it (the fused ``BiasGelu`` was a fifth of the
+    int8 image tower's time). Weights use 7 of their 8 bits (``reduce_range``): on CPUs without VNNI or AMX
     onnxruntime multiplies uint8 activations by int8 weights with ``vpmaddubsw``, which adds two products in a
-    saturating int16 (255 x 127 x 2 overflows it; 255 x 64 x 2 fits).  Measured on an AVX2-only AMD EPYC
-    (2026-12-03): full-range weights gave image cosine 0.99991 and 98.16% top-1 agreement on Tiny-ImageNet val,
-    7-bit weights 0.99998 and 99.10% (the cosine full-range weights reached on a VNNI CPU) with the same
-    kernel (241 against 238 img/s at batch 8, within this machine's noise); uint8 weights (no saturation
-    either) 99.22% but about 10% slower.
+    saturating int16 (255 x 127 x 2 overflows it; 255 x 64 x 2 fits). The measurements behind each choice:
+    ``bench/results/int8_design_choices.md``.
     ``keep_fp32``: the nodes to leave in fp32 instead (bench/int8_sensitivity.py tries others)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 

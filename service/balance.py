@@ -2,15 +2,14 @@
 
 The workers share one listening socket, and a burst of new connections goes to whichever worker accepts first,
 often all of them to one (asyncio and libuv accept every pending connection at each wake-up; BentoML issue
-#5426).  A client that keeps its connection open then stays on that worker for good: 8 clients on 2 workers,
-ViT-B-32, ran at 9.5 req/s in 2 of 8 rounds against 17 req/s when spread (bench/results/service_vs_raw_vitb32.md).
+#5426).  A client that keeps its connection open then stays on that worker for good, and the other worker idles
+(bench/results/service_vs_raw_vitb32.md).
 
 So the workers post how many requests each has in flight on a shared board (a small memory-mapped file), and a
 worker that has at least 2 more in flight than the least busy one answers with ``Connection: close``: that
 client reconnects, and the idle worker, waiting in accept, usually takes it.  A balanced server never closes a
-connection; a lopsided one is evened out after a few responses.  Side by side (2026-12-04, 2 CPUs, ViT-B-32),
-service / raw session at 8 and 32 clients: 0.99-1.00 and 0.94-1.02 over three runs, against 0.92 and 0.82 for
-the previous rule, closing every 8th response regardless (bench/results/service_vs_raw_vitb32.md).
+connection; a lopsided one is evened out after a few responses (measured against the earlier rule of closing
+every 8th response: bench/results/service_vs_raw_vitb32.md).
 
 Turn it off (``ORTHSERVE_BALANCE=0``) behind a load balancer or an ingress that already spreads connections
 over replicas, or where every client opens a new connection per request: then there is nothing to even out,

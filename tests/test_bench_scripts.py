@@ -15,6 +15,8 @@ import pytest
 
 from conftest import REPO, requires_data
 
+pytestmark = pytest.mark.slow  # every benchmark script end to end
+
 sys.path.insert(0, str(REPO / "bench"))
 
 METHODS = ["zeroshot", "orthcr-reg-cutout"]

@@ -21,6 +21,8 @@ import pytest
 import export
 from orthserve.artifact import ArtifactError, load_artifact
 
+pytestmark = pytest.mark.slow  # SIGKILLs real export and training processes
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = "orthserve-tiny"
 
