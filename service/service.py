@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import typing
 from pathlib import Path
 
 import anyio
@@ -110,6 +111,16 @@ class Classifier:
         return {"embeddings": emb.tolist(), "dim": int(emb.shape[1]), "model": self.name}
 
 
-Classifier.add_asgi_middleware(RequestGuard)
+def guarded_routes(service) -> dict[str, str | None]:
+    """Every API route of ``service`` and its upload field (None: a JSON body), read from the methods' type hints."""
+    routes = {}
+    for api in service.apis.values():
+        hints = typing.get_type_hints(api.func)
+        files = [name for name, hint in hints.items() if hint in (Path, list[Path])]
+        routes[api.route] = files[0] if files else None
+    return routes
+
+
+Classifier.add_asgi_middleware(RequestGuard, routes=guarded_routes(Classifier))
 Classifier.add_asgi_middleware(DocsPages)  # our root page and OpenAPI document (service/openapi.py)
 Classifier.add_asgi_middleware(ConnectionBalancer, workers=WORKERS)  # keep-alive clients spread over the workers

@@ -21,8 +21,7 @@ from orthserve.classnames import ClassNamesError, parse_labels
 from orthserve.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 
 DEFAULT_TOP_K = 5
-MULTIPART_ROUTES = {"/classify": "image", "/classify_batch": "images", "/embed_image": "image"}
-JSON_ROUTES = {"/embed_text"}
+Routes = dict  # {route: upload field name, or None for a JSON body}: from service.service.guarded_routes
 
 
 def _env_int(name: str, default: int) -> int:
@@ -185,8 +184,9 @@ class RequestGuard:
 
     DRAIN_FACTOR = 8  # an oversized body up to this many times the limit is read and dropped before the 413
 
-    def __init__(self, app: Callable, max_bytes: int | None = None) -> None:
+    def __init__(self, app: Callable, routes: Routes, max_bytes: int | None = None) -> None:
         self.app = app
+        self.routes = routes  # every API route: a new endpoint gets its limits without an edit here
         self.max_bytes = max_bytes or Limits.from_env().max_bytes
 
     async def refuse_too_big(self, scope: dict, receive: Callable, send: Callable, received: int,
@@ -205,7 +205,7 @@ class RequestGuard:
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or scope["method"] != "POST" or (path not in MULTIPART_ROUTES and path not in JSON_ROUTES):
+        if scope["type"] != "http" or scope["method"] != "POST" or path not in self.routes:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
@@ -237,10 +237,10 @@ class RequestGuard:
 
         await self.app(scope, replay, send)
 
-    @staticmethod
-    async def check(scope: dict, path: str, content_type: str, body: bytes) -> JSONResponse | None:
+    async def check(self, scope: dict, path: str, content_type: str, body: bytes) -> JSONResponse | None:
         media = content_type.split(";")[0].strip().lower()
-        if path in JSON_ROUTES:
+        field = self.routes[path]
+        if field is None:  # a JSON body
             if media != "application/json":
                 return error_response(f"{path} takes application/json, got {media or 'no content type'}", 415)
             try:
@@ -252,12 +252,11 @@ class RequestGuard:
             return check_json_fields(path, value)
         if media != "multipart/form-data":
             return error_response(f"{path} takes multipart/form-data with the image as a file field "
-                                  f"'{MULTIPART_ROUTES[path]}', got {media or 'no content type'}", 415)
+                                  f"'{field}', got {media or 'no content type'}", 415)
 
         async def once() -> dict:
             return {"type": "http.request", "body": body, "more_body": False}
 
-        field = MULTIPART_ROUTES[path]
         try:
             async with Request(scope, once).form() as form:
                 values = form.getlist(field)

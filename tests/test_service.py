@@ -551,3 +551,13 @@ def test_an_artifact_from_an_older_orthserve_is_refused_with_the_fix(artifact_di
     (old / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match=r"no tokenizer.json.*Re-export"):
         load_artifact(old)
+
+
+def test_the_request_guard_covers_every_api_route(artifact_dir, monkeypatch):
+    """The guard's table is read from the service's own APIs: a new endpoint cannot miss its limits."""
+    monkeypatch.setenv("ORTHSERVE_MODEL", str(artifact_dir))
+    from service.service import Classifier, guarded_routes
+
+    routes = guarded_routes(Classifier)
+    assert routes == {"/classify": "image", "/classify_batch": "images", "/embed_image": "image", "/embed_text": None}
+    assert set(routes) == {api.route for api in Classifier.apis.values()}
