@@ -25,7 +25,6 @@ from typing import Callable
 
 import numpy as np
 
-BALANCE = os.environ.get("ORTHSERVE_BALANCE", "1").strip() != "0"  # 0: never ask clients to reconnect
 BOARD_PREFIX = "orthserve-in-flight-"
 
 
@@ -91,7 +90,9 @@ class ConnectionBalancer:
 
     def __init__(self, app: Callable, workers: int, board: InFlightBoard | None = None) -> None:
         self.app = app
-        self.board = board if board is not None else (InFlightBoard.for_this_server(workers) if BALANCE else None)
+        from service.settings import settings
+
+        self.board = board if board is not None else (InFlightBoard.for_this_server(workers) if settings().balance else None)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         board = self.board

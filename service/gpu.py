@@ -15,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -33,13 +32,11 @@ CUDA_OPTIONS = {"cudnn_conv_algo_search": "EXHAUSTIVE", "cudnn_conv_use_max_work
                 "arena_extend_strategy": "kSameAsRequested", "do_copy_in_default_stream": "1"}
 
 
-def cuda_graphs_wanted() -> bool:
-    return os.environ.get("ORTHSERVE_CUDA_GRAPHS", "").strip().lower() in ("1", "true", "yes")
-
-
 def trt_cache_dir() -> Path:
     """``ORTHSERVE_TRT_CACHE``, else a folder in the user's cache: engines take minutes to build."""
-    path = Path(os.environ.get("ORTHSERVE_TRT_CACHE") or Path.home() / ".cache" / "orthserve" / "tensorrt")
+    from service.settings import settings
+
+    path = settings().trt_cache
     path.mkdir(parents=True, exist_ok=True)
     return path
 

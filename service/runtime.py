@@ -29,6 +29,7 @@ from orthserve.prompts import class_embeddings, prompts
 from orthserve.artifact import Artifact, load_artifact, ort_session
 from orthserve.preprocess import PreprocessSpec
 from service import gpu
+from service.settings import settings
 
 log = logging.getLogger("orthserve.service")
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionPro
 
 def resolve_model(spec: str | None = None) -> Path:
     """``ORTHSERVE_MODEL`` (a directory or a BentoML model tag) -> artifact directory."""
-    spec = spec if spec is not None else os.environ.get("ORTHSERVE_MODEL", "").strip()
+    spec = spec if spec is not None else settings().model
     default = not spec
     if default:
         if (DEFAULT_ARTIFACT / "manifest.json").is_file():
@@ -91,7 +92,7 @@ def _gpu_present() -> bool:
 def choose_providers(override: str | None = None) -> list[str]:
     """Providers to ask for, best first; CPU always last. ``ORTHSERVE_PROVIDERS`` overrides."""
     available = ort.get_available_providers()
-    override = override if override is not None else os.environ.get("ORTHSERVE_PROVIDERS", "")
+    override = override if override is not None else settings().providers
     if override.strip():
         wanted = [ALIASES.get(p.strip().lower(), p.strip()) for p in override.split(",") if p.strip()]
         missing = [p for p in wanted if p not in available]
@@ -113,12 +114,9 @@ def choose_providers(override: str | None = None) -> list[str]:
 def choose_variant(artifact: Artifact, component: str, on_gpu: bool) -> str:
     """fp16 on GPU, int8 on CPU only when asked (ORTHSERVE_INT8: image tower only; ORTHSERVE_VARIANT=int8:
     both), else fp32; falls back to fp32 if the artifact lacks the file."""
-    wanted = os.environ.get("ORTHSERVE_VARIANT", "auto").strip().lower() or "auto"
+    wanted = settings().variant
     if wanted == "auto":
-        int8 = os.environ.get("ORTHSERVE_INT8", "").strip().lower() in ("1", "true", "yes") and component == "image"
-        wanted = "fp16" if on_gpu else ("int8" if int8 else "fp32")
-    if wanted not in ("fp32", "fp16", "int8"):
-        raise ValueError(f"ORTHSERVE_VARIANT={wanted!r}: expected auto, fp32, fp16 or int8")
+        wanted = "fp16" if on_gpu else ("int8" if settings().int8_image and component == "image" else "fp32")
     if wanted != "fp32" and wanted not in artifact.variants(component):
         log.warning("artifact has no %s %s variant; using fp32", wanted, component)
         return "fp32"
@@ -136,23 +134,19 @@ def default_workers() -> int:
     """``ORTHSERVE_WORKERS``, else one service process on a GPU (one CUDA context and one batch queue feed it)
     and up to 4 on CPU: a worker's HTTP handling runs under one GIL, so with one worker a 64 px model left a
     third of 2 CPUs idle (2 workers: +50% req/s, bench/results/service_vs_raw.md)."""
-    if value := os.environ.get("ORTHSERVE_WORKERS", "").strip():
-        return max(1, int(value))
+    if settings().workers:
+        return settings().workers
     return 1 if _gpu_present() else min(4, available_cpus())
 
 
 def default_max_batch() -> int:
     """``ORTHSERVE_MAX_BATCH_SIZE``, else 256 images on a GPU (large batches are where it is fast) and 32 on CPU."""
-    if value := os.environ.get("ORTHSERVE_MAX_BATCH_SIZE", "").strip():
-        return max(1, int(value))
-    return 256 if _gpu_present() else 32
+    return settings().max_batch or (256 if _gpu_present() else 32)
 
 
 def default_threads() -> int:
     """``ORTHSERVE_THREADS``, else this worker's share of the CPUs (the workers' sessions must not oversubscribe)."""
-    if value := os.environ.get("ORTHSERVE_THREADS", "").strip():
-        return max(1, int(value))
-    return max(1, available_cpus() // default_workers())
+    return settings().threads or max(1, available_cpus() // default_workers())
 
 
 class OnnxEncoder:
@@ -164,7 +158,7 @@ class OnnxEncoder:
         on_gpu = providers[0] in GPU_PROVIDERS
         self.variant = choose_variant(artifact, component, on_gpu=on_gpu)
         self.path = artifact.onnx_path(component, self.variant)
-        graphs = on_gpu and component == "image" and gpu.cuda_graphs_wanted()
+        graphs = on_gpu and component == "image" and settings().cuda_graphs
         try:
             self.session = self._open(artifact, component, providers, threads, max_batch, graphs)
         except Exception as err:  # noqa: BLE001 - e.g. a node on the CPU provider: no CUDA graph possible

@@ -13,14 +13,15 @@ from orthserve.artifact import Artifact, ArtifactError
 from service.api import info_app, prepare_images
 from service.balance import ConnectionBalancer
 from service.batching import Batcher
+from service.settings import settings
 from service.runtime import ImageModel, TextModel, default_workers, open_artifact, rank, resolve_model
 from service.openapi import DocsPages
-from service.validation import (LabelsField, Limits, RequestError, RequestGuard, check_texts, check_top_k, json_errors,
+from service.validation import (LabelsField, RequestError, RequestGuard, check_texts, check_top_k, json_errors,
                                 labels_from_form)
 
 # Threads for decoding, preprocessing and the text tower.  anyio's default is 40; on a small machine that
 # only adds contention, and each thread's malloc arena adds resident memory (about +250 MB under load).
-WORK_THREADS = int(os.environ.get("ORTHSERVE_WORK_THREADS", str(max(4, 2 * (os.cpu_count() or 1)))))
+WORK_THREADS = settings().work_threads or max(4, 2 * (os.cpu_count() or 1))
 
 # Checked when `bentoml serve` loads this module, before any worker starts: a missing, truncated or
 # tampered artifact stops the server at once (exit 1, the reason printed) instead of leaving workers
@@ -28,7 +29,7 @@ WORK_THREADS = int(os.environ.get("ORTHSERVE_WORK_THREADS", str(max(4, 2 * (os.c
 try:
     _CHECKED = open_artifact()
 except (ArtifactError, FileNotFoundError, ValueError) as err:
-    if os.environ.get("ORTHSERVE_DEBUG"):
+    if settings().debug:
         raise
     raise SystemExit(f"orthserve: cannot serve: {err}  (ORTHSERVE_DEBUG=1 shows the traceback)") from None
 
@@ -47,12 +48,12 @@ class Classifier:
     """Zero-shot (labels + templates) or fine-tuned classes, embeddings; bad input gets a 4xx."""
 
     def __init__(self) -> None:
-        self.limits = Limits.from_env()
+        self.limits = settings().limits
         self.artifact = artifact()
         self.image = ImageModel(self.artifact)
         # adaptive batching of the image tower, batches assembled in its pinned buffer on a GPU
         self.batcher = Batcher(self.image.encode, self.image.max_batch, self.image.staging)
-        self.text = TextModel(self.artifact, int(os.environ.get("ORTHSERVE_LABEL_CACHE", "256")))
+        self.text = TextModel(self.artifact, settings().label_cache)
         self.name, self.ready = str(self.artifact.manifest.get("model")), True
         self._threads: anyio.CapacityLimiter | None = None  # made on first use, inside the event loop
 

@@ -1,15 +1,12 @@
-"""Request checks and limits: every bad input becomes a 4xx with a JSON ``{"error": ...}`` body.
+"""Request checks: every bad input becomes a 4xx with a JSON ``{"error": ...}`` body.
 
-Environment (all optional): ORTHSERVE_MAX_BYTES (request body, default 10 MiB), ORTHSERVE_MAX_PIXELS
-(decoded image, default 40 M), ORTHSERVE_MAX_LABELS (256), ORTHSERVE_MAX_LABEL_CHARS (300),
-ORTHSERVE_MAX_IMAGES (images per /classify_batch, 32), ORTHSERVE_MAX_TEXTS (texts per /embed_text, 256).
+The limits themselves are settings (``service/settings.py``: ORTHSERVE_MAX_BYTES, ..._PIXELS, ..._LABELS,
+..._LABEL_CHARS, ..._IMAGES, ..._TEXTS).
 """
 from __future__ import annotations
 
 import functools
 import json
-import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
 
@@ -18,32 +15,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from orthserve.classnames import ClassNamesError, parse_labels
-from orthserve.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from orthserve.preprocess import ImageDecodeError, decode_image
+from service.settings import Limits, settings  # noqa: F401  (Limits: re-exported for the service's modules)
 
 DEFAULT_TOP_K = 5
 Routes = dict  # {route: upload field name, or None for a JSON body}: from service.service.guarded_routes
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "").strip()
-    return int(value) if value else default
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_bytes: int = 10 * 1024 * 1024
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_labels: int = 256
-    max_label_chars: int = 300
-    max_images: int = 32
-    max_texts: int = 256
-
-    @classmethod
-    def from_env(cls) -> "Limits":
-        d = cls()
-        return cls(_env_int("ORTHSERVE_MAX_BYTES", d.max_bytes), _env_int("ORTHSERVE_MAX_PIXELS", d.max_pixels),
-                   _env_int("ORTHSERVE_MAX_LABELS", d.max_labels), _env_int("ORTHSERVE_MAX_LABEL_CHARS", d.max_label_chars),
-                   _env_int("ORTHSERVE_MAX_IMAGES", d.max_images), _env_int("ORTHSERVE_MAX_TEXTS", d.max_texts))
 
 
 class RequestError(ValueError):
@@ -146,7 +122,7 @@ def check_form_options(form) -> JSONResponse | None:
         if not isinstance(labels[0], str):
             return error_response("labels must be a text field, not a file upload", 400)
         try:
-            check_texts(parse_labels_field(labels[0]), Limits.from_env())
+            check_texts(parse_labels_field(labels[0]), settings().limits)
         except RequestError as err:
             return error_response(err.message, err.status)
     top_k = form.get("top_k")
@@ -170,7 +146,7 @@ def check_json_fields(path: str, value: Any) -> JSONResponse | None:
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
         return error_response(f"{path}: 'texts' must be a list of strings, e.g. {example}", 400)
     try:
-        limits = Limits.from_env()
+        limits = settings().limits
         check_texts(texts, limits, "texts", limits.max_texts)
     except RequestError as err:
         return error_response(err.message, err.status)
@@ -187,7 +163,7 @@ class RequestGuard:
     def __init__(self, app: Callable, routes: Routes, max_bytes: int | None = None) -> None:
         self.app = app
         self.routes = routes  # every API route: a new endpoint gets its limits without an edit here
-        self.max_bytes = max_bytes or Limits.from_env().max_bytes
+        self.max_bytes = max_bytes or settings().limits.max_bytes
 
     async def refuse_too_big(self, scope: dict, receive: Callable, send: Callable, received: int,
                              more: bool = True) -> None:
