@@ -25,9 +25,9 @@ test-fast: install
 	$(PY) -m pytest -q -m 'not slow'
 
 artifact: install
-	@# (re-)export when there is no artifact or it is from an older orthserve (schema, tokenizer.json)
-	$(PY) -c "from orthserve.artifact import load_artifact; load_artifact('$(ARTIFACT)')" 2>/dev/null || $(PY) -m export --model orthserve-mini --pretrained default \
-		--classnames orthserve/weights/orthserve-mini.classes.txt --int8 --out $(ARTIFACT)
+	@# (re-)export when there is no artifact, it is from an older orthserve, or the built-in weights are newer
+	if $(PY) -m export.builtin $(ARTIFACT); then $(PY) -m export --model orthserve-mini --pretrained default \
+		--classnames orthserve/weights/orthserve-mini.classes.txt --int8 --out $(ARTIFACT); fi
 
 # Fine-tune the built-in model on DATA (one sub-folder of images per class); ARGS adds training options.
 finetune: install

@@ -180,3 +180,29 @@ def test_cli_with_bento_model_store(tmp_path):
     assert load_artifact(stored.path).classnames == ["ant", "bee"]
     assert artifact.templates == ["a photo of a {}.", "itap of a {}."]
     assert isinstance(bentoml.Tag.from_taglike(summary["bento_tag"]), bentoml.Tag)
+
+
+def test_make_artifact_re_exports_only_what_is_stale(artifact_dir, tmp_path):
+    """export.builtin: missing or unloadable -> export; the built-in model older than its weights -> export;
+    an up-to-date one, or another model's artifact, is left alone."""
+    import json
+    import os
+
+    from export.builtin import needs_export
+
+    assert needs_export(tmp_path / "nothing-here")
+    copy = tmp_path / "art"
+    shutil.copytree(artifact_dir, copy)
+    weights = tmp_path / "weights.safetensors"
+    weights.write_bytes(b"x")
+    os.utime(copy / "manifest.json", (1, 1))  # the artifact is older than the weights
+    assert not needs_export(copy, weights)  # orthserve-tiny: not the built-in model, never replaced for age
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest.update(model="orthserve-mini", pretrained="default")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    os.utime(copy / "manifest.json", (1, 1))
+    assert needs_export(copy, weights)
+    os.utime(weights, (0, 0))
+    assert not needs_export(copy, weights)
+    (copy / "manifest.json").write_text("{}")
+    assert needs_export(copy, weights)  # does not load
