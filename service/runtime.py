@@ -26,10 +26,11 @@ import numpy as np
 import onnxruntime as ort
 
 from orthserve.prompts import class_embeddings, prompts
-from orthserve.artifact import Artifact, load_artifact, ort_session
+from orthserve.artifact import (CLASSIFIER_FILE, MANIFEST_FILE, TOKENIZER_FILE, Artifact, load_artifact, ort_session,
+                                sha256_file)
 from orthserve.preprocess import PreprocessSpec
 from service import gpu
-from service.settings import settings
+from service.settings import remember_verified, settings, verified_artifact
 
 log = logging.getLogger("orthserve.service")
 REPO = Path(__file__).resolve().parents[1]
@@ -71,8 +72,24 @@ def resolve_model(spec: str | None = None) -> Path:
 
 
 def open_artifact(spec: str | None = None) -> Artifact:
-    """Load and check (schema, sha256s) the artifact ``ORTHSERVE_MODEL`` names."""
-    return load_artifact(resolve_model(spec))
+    """Load and check the artifact ``ORTHSERVE_MODEL`` names: its schema, every file's size, and the sha256 of
+    the files this service reads (the variants it will run, the tokenizer, the class embeddings). Hashed once
+    per server: the server process checks before its workers start, and they inherit what it checked."""
+    root = resolve_model(spec)
+    mark = f"{root.resolve()}@{sha256_file(root / MANIFEST_FILE)}" if (root / MANIFEST_FILE).is_file() else ""
+    if mark and verified_artifact() == mark:
+        return load_artifact(root, verify=True, hashed=())
+    artifact = load_artifact(root, verify=False)
+    artifact = load_artifact(root, verify=True, hashed=served_files(artifact))
+    remember_verified(mark)
+    return artifact
+
+
+def served_files(artifact: Artifact) -> set[str]:
+    """The files the service reads: the chosen variant of each tower, the tokenizer, the class embeddings."""
+    on_gpu = choose_providers()[0] in GPU_PROVIDERS
+    towers = {artifact.manifest["variants"][c][choose_variant(artifact, c, on_gpu)] for c in ("image", "text")}
+    return towers | {TOKENIZER_FILE, CLASSIFIER_FILE} | {MANIFEST_FILE}
 
 
 def _tensorrt_loadable() -> bool:

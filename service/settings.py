@@ -84,12 +84,22 @@ class Settings:
 
 
 _built: tuple[tuple, Settings] | None = None
+VERIFIED = PREFIX + "VERIFIED_ARTIFACT"  # not a user setting: the server process tells its workers what it checked
+
+
+def verified_artifact() -> str:
+    return os.environ.get(VERIFIED, "")
+
+
+def remember_verified(mark: str) -> None:
+    """Workers started after this (they inherit the environment) skip hashing the same artifact again."""
+    os.environ[VERIFIED] = mark
 
 
 def settings() -> Settings:
     """The settings of this process's environment (built once; again only if an ORTHSERVE_* variable changed)."""
     global _built
-    key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(PREFIX)))
+    key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(PREFIX) and k != VERIFIED))
     if _built is None or _built[0] != key:
         _built = (key, Settings.from_env())
     return _built[1]

@@ -30,3 +30,10 @@ def data_dir() -> Path:
     if not DATA.is_dir():
         pytest.skip(f"real images not found at {DATA}")
     return DATA
+
+
+@pytest.fixture(autouse=True)
+def _fresh_artifact_check(monkeypatch):
+    """The service remembers, in the environment, which artifact its server process verified (for its workers);
+    each test starts as a new server would."""
+    monkeypatch.delenv("ORTHSERVE_VERIFIED_ARTIFACT", raising=False)

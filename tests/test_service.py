@@ -561,3 +561,41 @@ def test_the_request_guard_covers_every_api_route(artifact_dir, monkeypatch):
     routes = guarded_routes(Classifier)
     assert routes == {"/classify": "image", "/classify_batch": "images", "/embed_image": "image", "/embed_text": None}
     assert set(routes) == {api.route for api in Classifier.apis.values()}
+
+
+def test_startup_hashes_the_served_files_once_per_server(artifact_dir, tmp_path, monkeypatch):
+    """The server process hashes what the service reads (chosen variants, tokenizer, classes); its workers, which
+    inherit the environment, only check sizes; a same-size change to a served file is still refused."""
+    import shutil
+
+    from orthserve.artifact import ArtifactError
+    from service import runtime, settings
+
+    monkeypatch.delenv("ORTHSERVE_VARIANT", raising=False)
+    monkeypatch.delenv("ORTHSERVE_INT8", raising=False)
+    monkeypatch.delenv(settings.VERIFIED, raising=False)
+    copy = tmp_path / "art"
+    shutil.copytree(artifact_dir, copy)
+
+    def flip_a_byte(name: str) -> None:
+        data = bytearray((copy / name).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (copy / name).write_bytes(bytes(data))
+
+    flip_a_byte("image.int8.onnx")  # a variant the CPU service does not run by default
+    from orthserve import artifact as artifact_module
+
+    hashed = []
+    real = artifact_module.sha256_file
+    monkeypatch.setattr(artifact_module, "sha256_file", lambda p, *a: hashed.append(p.name) or real(p, *a))
+    first = runtime.open_artifact(str(copy))
+    assert first.manifest["model"] == "orthserve-tiny"
+    assert set(hashed) == {"image.onnx", "text.onnx", "tokenizer.json", "classifier.safetensors"}
+    assert settings.verified_artifact().startswith(str(copy.resolve()))
+    hashed.clear()
+    again = runtime.open_artifact(str(copy))  # a worker: the server process checked this manifest already
+    assert again.manifest == first.manifest and hashed == []
+    flip_a_byte("image.onnx")
+    monkeypatch.delenv(settings.VERIFIED)  # a new server
+    with pytest.raises(ArtifactError, match="image.onnx does not match its sha256"):
+        runtime.open_artifact(str(copy))
