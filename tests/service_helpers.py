@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 from PIL import Image
 
@@ -66,3 +69,23 @@ def odd_images(photo: Path) -> dict[str, bytes]:
 def bomb() -> bytes:
     """A small PNG that decodes to 64 megapixels (1-bit, compresses to a few KB)."""
     return encode(Image.new("1", (8000, 8000)), "PNG", optimize=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, seconds: float = 180) -> None:
+    """Poll ``url``/readyz until 200; fail with the server's log if it exits or takes longer than ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert proc.poll() is None, f"server exited:\n{Path(log).read_text()[-3000:]}"
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"not ready in {seconds} s:\n{Path(log).read_text()[-3000:]}"
+        time.sleep(0.5)

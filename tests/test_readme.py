@@ -13,14 +13,12 @@ import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from conftest import DATA, REPO
-from test_service_server import free_port
+from service_helpers import free_port, wait_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not DATA.is_dir(), reason=f"no images at {DATA}")]
 FLOWERS = ["daisy", "dandelion", "rose", "sunflower", "tulip"]
@@ -35,19 +33,6 @@ def quickstart_blocks() -> list[str]:
 
 def needs_download(block: str) -> bool:
     return "/path/to/" in block or "hf-hub:" in block
-
-
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, seconds: float = 400) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        assert proc.poll() is None, f"server exited:\n{log.read_text()[-3000:]}"
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"not ready in {seconds} s:\n{log.read_text()[-3000:]}"
-        time.sleep(1)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -106,7 +91,7 @@ def test_the_quickstart_runs_offline_as_written(tmp_path, user_images):
                                         stderr=subprocess.STDOUT, start_new_session=True)
                 servers.append(proc)
                 port = ports["3001"] if "bentoml serve" in line else ports["3000"]
-                wait_ready(f"http://127.0.0.1:{port}", proc, log)
+                wait_ready(f"http://127.0.0.1:{port}", proc, log, seconds=400)
     finally:
         for proc in servers:
             stop(proc)

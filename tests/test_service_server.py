@@ -6,10 +6,8 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,16 +18,10 @@ import pytest
 
 from orthserve.artifact import load_artifact
 from orthserve.preprocess import decode_image, to_pixels
-from service_helpers import PHOTOS, REPO, export_tiny, photos
+from service_helpers import PHOTOS, REPO, export_tiny, free_port, photos, wait_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not PHOTOS.is_dir(), reason=f"no photos at {PHOTOS}")]
 MAX_BYTES = 2 * 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +42,7 @@ def server(artifact_dir, tmp_path_factory):
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, f"server exited:\n{open(log.name).read()[-3000:]}"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"not ready in 180 s:\n{open(log.name).read()[-3000:]}"
-            time.sleep(0.5)
+        wait_ready(url, proc, Path(log.name))
         with httpx.Client(base_url=url, timeout=60) as client:
             client.server_pid = proc.pid  # the workers' parent: it names their in-flight board
             yield client
