@@ -44,7 +44,10 @@ SCRIPT = "bench/lr_sweep.py"
 DEFAULT_TRAIN = DATA / "tiny-imagenet" / "train"
 DEFAULT_TEST = DATA / "tiny-imagenet" / "val"
 SWEPT = ("taskres", "lora", "full", "aoft", "orthcr-noreg", "orthcr-reg")
-INHERITS = {"orthcr-reg-cutout": "orthcr-reg", "orthcr-reg-attentive": "orthcr-reg"}
+# Same adapter and objective as OrthCR + KL: they take its rate (the block-size variants too, so that
+# the block-size table compares block sizes at one rate rather than three separately tuned ones).
+INHERITS = {"orthcr-reg-cutout": "orthcr-reg", "orthcr-reg-attentive": "orthcr-reg",
+            "orthcr-bs32": "orthcr-reg", "orthcr-bs16": "orthcr-reg"}
 FACTORS = (0.2, 1.0, 5.0, 25.0, 125.0)
 
 
@@ -161,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         log.info("%s: best x%s (%.1f%%), chose x%s (lr %.3g, %.1f%%: the smallest within one standard error)",
                  method, best, scores[best] * 100, chosen, default * float(chosen), scores[chosen] * 100)
     chosen = {m: table[m]["default"] * table[m]["chosen_factor"] for m in table}
-    chosen.update({m: chosen[INHERITS[m]] for m in methods if m in INHERITS})
+    chosen.update({m: chosen[parent] for m, parent in INHERITS.items() if parent in chosen})
     result = {"benchmark": "lr_sweep", "command": command,
               "settings": {"model": args.model, "pretrained": args.pretrained, "epochs": args.epochs,
                            "batch_size": args.batch_size, "seeds": args.seeds, "shots": args.shots,
