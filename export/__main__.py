@@ -98,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The ``orthserve-export`` console script; ``python -m export`` from the repo root."""
     # SIGTERM unwinds like Ctrl-C, so the temporary directory is removed
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    console()

@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from orthserve.preprocess import PreprocessSpec, to_pixels
-from service.validation import Limits, RequestError, read_image
+from .validation import Limits, RequestError, read_image
 
 
 def prepare_images(paths: list[Path], spec: PreprocessSpec, limits: Limits) -> np.ndarray:

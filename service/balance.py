@@ -90,7 +90,7 @@ class ConnectionBalancer:
 
     def __init__(self, app: Callable, workers: int, board: InFlightBoard | None = None) -> None:
         self.app = app
-        from service.settings import settings
+        from .settings import settings
 
         self.board = board if board is not None else (InFlightBoard.for_this_server(workers) if settings().balance else None)
 

@@ -34,7 +34,7 @@ CUDA_OPTIONS = {"cudnn_conv_algo_search": "EXHAUSTIVE", "cudnn_conv_use_max_work
 
 def trt_cache_dir() -> Path:
     """``ORTHSERVE_TRT_CACHE``, else a folder in the user's cache: engines take minutes to build."""
-    from service.settings import settings
+    from .settings import settings
 
     path = settings().trt_cache
     path.mkdir(parents=True, exist_ok=True)

@@ -146,7 +146,7 @@ class DocsPages:
             body, media = root_page().encode(), "text/html; charset=utf-8"
         else:
             if self._doc is None:
-                from service.service import Classifier
+                from .service import Classifier
 
                 self._doc = json.dumps(document(Classifier)).encode()
             body, media = self._doc, "application/json"

@@ -29,8 +29,8 @@ from orthserve.prompts import class_embeddings, prompts
 from orthserve.artifact import (CLASSIFIER_FILE, MANIFEST_FILE, TOKENIZER_FILE, Artifact, load_artifact, ort_session,
                                 sha256_file)
 from orthserve.preprocess import PreprocessSpec
-from service import gpu
-from service.settings import remember_verified, settings, verified_artifact
+from . import gpu
+from .settings import remember_verified, settings, verified_artifact
 
 log = logging.getLogger("orthserve.service")
 REPO = Path(__file__).resolve().parents[1]

@@ -10,13 +10,13 @@ import bentoml
 import numpy as np
 
 from orthserve.artifact import Artifact, ArtifactError
-from service.api import info_app, prepare_images
-from service.balance import ConnectionBalancer
-from service.batching import Batcher
-from service.settings import settings
-from service.runtime import ImageModel, TextModel, default_workers, open_artifact, rank, resolve_model
-from service.openapi import DocsPages
-from service.validation import (LabelsField, RequestError, RequestGuard, check_texts, check_top_k, json_errors,
+from .api import info_app, prepare_images
+from .balance import ConnectionBalancer
+from .batching import Batcher
+from .settings import settings
+from .runtime import ImageModel, TextModel, default_workers, open_artifact, rank, resolve_model
+from .openapi import DocsPages
+from .validation import (LabelsField, RequestError, RequestGuard, check_texts, check_top_k, json_errors,
                                 labels_from_form)
 
 # Threads for decoding, preprocessing and the text tower.  anyio's default is 40; on a small machine that

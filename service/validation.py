@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse
 
 from orthserve.classnames import ClassNamesError, parse_labels
 from orthserve.preprocess import ImageDecodeError, decode_image
-from service.settings import Limits, settings  # noqa: F401  (Limits: re-exported for the service's modules)
+from .settings import Limits, settings  # noqa: F401  (Limits: re-exported for the service's modules)
 
 DEFAULT_TOP_K = 5
 Routes = dict  # {route: upload field name, or None for a JSON body}: from service.service.guarded_routes

@@ -145,5 +145,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return metrics
 
 
+def console(prog: str = "orthserve-evaluate") -> None:
+    """The ``orthserve-evaluate`` console script; ``python -m training.evaluate`` from the repo root."""
+    cli.run(main, prog)
+
+
 if __name__ == "__main__":
-    cli.run(main, "training.evaluate")
+    console("training.evaluate")

@@ -746,5 +746,10 @@ def result_line(metrics: dict) -> str:
     return "; ".join(parts) or "no test split"
 
 
+def console(prog: str = "orthserve-finetune") -> None:
+    """The ``orthserve-finetune`` console script; ``python -m training.finetune`` from the repo root."""
+    cli.run(main, prog)
+
+
 if __name__ == "__main__":
-    cli.run(main, "training.finetune")
+    console("training.finetune")

@@ -49,8 +49,8 @@ from orthserve import cli, mini
 from orthserve.files import atomic_text, atomic_write
 from orthserve.classifier import CLIPClassifier
 from orthserve.preprocess import PreprocessSpec, decode_image, to_pixels
-from training.data import load_labelled, per_class
-from training.finetune import atomic_torch_save, git_commit, lr_lambda, plot_curves, versions
+from .data import load_labelled, per_class
+from .finetune import atomic_torch_save, git_commit, lr_lambda, plot_curves, versions
 
 TEMPLATES = (
     "a photo of a {}.", "a blurry photo of a {}.", "a low resolution photo of a {}.", "a close-up photo of a {}.",
@@ -273,5 +273,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return metrics
 
 
+def console(prog: str = "orthserve-pretrain") -> None:
+    """The ``orthserve-pretrain`` console script; ``python -m training.pretrain`` from the repo root."""
+    cli.run(main, prog)
+
+
 if __name__ == "__main__":
-    cli.run(main, "training.pretrain")
+    console("training.pretrain")
