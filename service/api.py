@@ -35,7 +35,9 @@ def summary(svc) -> dict:
         "version": {"schema_version": m.get("schema_version"), "created": m.get("created"), **(m.get("versions") or {})},
         "variants": m.get("variants"), "preprocess": svc.artifact.preprocess.to_dict(),
         "image_runtime": {"providers": svc.image.encoder.providers, "variant": svc.image.encoder.variant,
-                          "max_batch_size": svc.batcher.max_batch},
+                          "max_batch_size": svc.batcher.max_batch,
+                          # the visible CUDA device of the worker that answered (None on CPU)
+                          "device_id": svc.image.encoder.device_id if svc.image.encoder.bound else None},
         "text_runtime": {"providers": svc.text.encoder.providers, "variant": svc.text.encoder.variant},
         "label_cache": {"size": len(svc.text.cache), "max": svc.text.cache_size, "hits": svc.text.hits,
                         "misses": svc.text.misses},

@@ -1,4 +1,5 @@
-"""The GPU side of the onnxruntime runtime: provider options, pinned host buffers, IO binding, CUDA graphs.
+"""The GPU side of the onnxruntime runtime: which GPU a worker runs on, provider options, pinned host buffers,
+IO binding, CUDA graphs.
 
 Used only when a session's first provider is CUDA or TensorRT (``runtime.OnnxEncoder``); the CPU path is
 ``session.run`` as before.  Why each piece (figures: bench/results/gpu_check*.md where a GPU was lent):
@@ -9,6 +10,11 @@ Used only when a session's first provider is CUDA or TensorRT (``runtime.OnnxEnc
   per batch-size bucket (powers of two up to the largest batch), batches padded up to their bucket.  Off by
   default: onnxruntime refuses them when any node falls back to the CPU, and padding costs compute.
 - TensorRT, when libnvinfer is installed, builds engines once and keeps them in an engine cache on disk.
+- Several GPUs: one service worker per GPU, each with its own CUDA context, sessions and batch queue (a worker's
+  batcher is made in its own ``Classifier.__init__``).  BentoML numbers its workers from 1
+  (``bentoml.server_context.worker_index``) and, for ``resources={"gpu": N}``, hands every worker the same
+  ``CUDA_VISIBLE_DEVICES`` list; so worker k takes device ``k - 1`` of that list (``device_for_worker``),
+  as BentoML's docs on multi-GPU workers do.
 """
 from __future__ import annotations
 
@@ -32,6 +38,69 @@ CUDA_OPTIONS = {"cudnn_conv_algo_search": "EXHAUSTIVE", "cudnn_conv_use_max_work
                 "arena_extend_strategy": "kSameAsRequested", "do_copy_in_default_stream": "1"}
 
 
+@functools.cache
+def system_gpus() -> int:
+    """GPUs the NVIDIA driver shows this machine or container (NVML ignores CUDA_VISIBLE_DEVICES); 0 without one.
+
+    Where NVML cannot load (the container runtime did not mount libnvidia-ml), the GPU device nodes are counted."""
+    try:
+        import pynvml  # nvidia-ml-py, a dependency of BentoML (its own GPU count uses it too)
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no driver, no library: count device nodes, usually none
+        return len(list(Path("/dev").glob("nvidia[0-9]*")))
+    try:
+        return int(pynvml.nvmlDeviceGetCount())
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def visible_gpus(cuda_visible_devices: str | None, system: int) -> int:
+    """How many GPUs CUDA will show a process with this ``CUDA_VISIBLE_DEVICES`` on a machine with ``system`` GPUs.
+
+    Unset: all of them.  Set: its entries up to the first invalid one, as CUDA reads it (``""`` and ``"-1"`` hide
+    every GPU, an index past the last GPU ends the list); UUIDs (``GPU-...``, ``MIG-...``) count as one each."""
+    if cuda_visible_devices is None:
+        return system
+    count = 0
+    for entry in cuda_visible_devices.split(","):
+        entry = entry.strip()
+        if not entry or entry.startswith("-") or (entry.isdigit() and int(entry) >= system):
+            break
+        count += 1
+    return count
+
+
+def device_for_worker(worker_index: int | None, gpus: int) -> int:
+    """The CUDA device id for BentoML worker ``worker_index`` (numbered from 1): an index into the visible list.
+
+    More workers than GPUs share them round-robin; ``None`` (not a BentoML worker: tests, scripts) is device 0."""
+    if worker_index is None or gpus <= 1:
+        return 0
+    if worker_index < 1:
+        raise ValueError(f"BentoML worker indices start at 1, got {worker_index}")
+    return (worker_index - 1) % gpus
+
+
+def workers_for(override: int | None, gpus: int, cpus: int) -> int:
+    """Service processes: ``override`` (ORTHSERVE_WORKERS) when set, else one per GPU, else one per CPU up to 4.
+
+    A worker's HTTP handling runs under one GIL, so on CPU one worker left a third of 2 CPUs idle (2 workers: +50%
+    req/s, bench/results/service_vs_raw.md); on GPUs one worker per device keeps each device's batches its own."""
+    if override is None:
+        return gpus if gpus else min(4, cpus)
+    if gpus and override % gpus:
+        _warn_uneven(override, gpus)
+    return override
+
+
+@functools.cache  # once per process, however often the worker count is asked for
+def _warn_uneven(workers: int, gpus: int) -> None:
+    idle = f"; GPUs {workers}-{gpus - 1} get no worker" if workers < gpus else ""
+    log.warning("ORTHSERVE_WORKERS=%d on %d GPUs: the GPUs get unequal shares of the workers%s (a multiple of %d "
+                "spreads them evenly)", workers, gpus, idle, gpus)
+
+
 def trt_cache_dir() -> Path:
     """``ORTHSERVE_TRT_CACHE``, else a folder in the user's cache: engines take minutes to build."""
     from .settings import settings
@@ -42,14 +111,15 @@ def trt_cache_dir() -> Path:
 
 
 def provider_options(provider: str, input_name: str, row_shape: Sequence[int], max_batch: int,
-                     cuda_graph: bool = False) -> dict[str, str]:
-    """Options for one GPU provider; ``row_shape`` is one input row (``[3, H, W]`` or ``[context_length]``)."""
+                     cuda_graph: bool = False, device_id: int = 0) -> dict[str, str]:
+    """Options for one GPU provider on visible device ``device_id``; ``row_shape`` is one input row (``[3, H, W]``
+    or ``[context_length]``)."""
     if provider == "CUDAExecutionProvider":
-        return {**CUDA_OPTIONS, **({"enable_cuda_graph": "1"} if cuda_graph else {})}
+        return {**CUDA_OPTIONS, "device_id": str(device_id), **({"enable_cuda_graph": "1"} if cuda_graph else {})}
     if provider == "TensorrtExecutionProvider":
         shape = "x".join(str(d) for d in row_shape)
         cache = str(trt_cache_dir())
-        return {"trt_fp16_enable": "1", "trt_engine_cache_enable": "1", "trt_engine_cache_path": cache,
+        return {"device_id": str(device_id), "trt_fp16_enable": "1", "trt_engine_cache_enable": "1", "trt_engine_cache_path": cache,
                 "trt_timing_cache_enable": "1", "trt_timing_cache_path": cache,
                 "trt_profile_min_shapes": f"{input_name}:1x{shape}",
                 "trt_profile_opt_shapes": f"{input_name}:{max_batch}x{shape}",

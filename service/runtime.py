@@ -6,7 +6,8 @@ Environment (all optional):
   ORTHSERVE_VARIANT    auto (fp16 on GPU, else fp32) | fp32 | fp16 | int8
   ORTHSERVE_INT8       1: the int8 image tower when running on CPU; the text tower stays fp32 (label embeddings
                        are cached, and int8 text loses the most agreement: bench/results/inference.md)
-  ORTHSERVE_WORKERS    service processes (default: 1 with a GPU, else one per CPU up to 4)
+  ORTHSERVE_WORKERS    service processes (default: one per visible GPU, each on its own device; else one per CPU
+                       up to 4)
   ORTHSERVE_THREADS    intra-op threads per session (default: the CPUs divided among the workers)
   ORTHSERVE_MAX_BATCH_SIZE  the most images per image-encoder call (default: 256 on a GPU, 32 on CPU)
   ORTHSERVE_CUDA_GRAPHS     1: CUDA graphs per batch-size bucket on the CUDA provider (service/gpu.py)
@@ -102,8 +103,28 @@ def _tensorrt_loadable() -> bool:
     return False
 
 
+def gpu_count() -> int:
+    """GPUs this process may use: those CUDA_VISIBLE_DEVICES lists where it is set (BentoML sets it for its
+    workers when the service asks for GPUs), else every GPU the driver reports."""
+    return gpu.visible_gpus(settings().cuda_visible_devices, gpu.system_gpus())
+
+
 def _gpu_present() -> bool:
-    return Path("/dev/nvidia0").exists() or Path("/dev/nvidiactl").exists()
+    return gpu_count() > 0
+
+
+def worker_index() -> int | None:
+    """This process's BentoML worker number (from 1), or None outside a BentoML worker (tests, scripts)."""
+    try:
+        import bentoml
+    except ImportError:  # the runtime without the serving extra (benchmarks)
+        return None
+    return bentoml.server_context.worker_index
+
+
+def worker_device() -> int:
+    """The CUDA device this worker's sessions run on: BentoML worker k takes visible GPU k - 1 (round-robin)."""
+    return gpu.device_for_worker(worker_index(), gpu_count())
 
 
 def choose_providers(override: str | None = None) -> list[str]:
@@ -115,6 +136,9 @@ def choose_providers(override: str | None = None) -> list[str]:
         missing = [p for p in wanted if p not in available]
         if missing:
             raise ValueError(f"ORTHSERVE_PROVIDERS asks for {missing}, not in this onnxruntime build ({available})")
+        if any(p in GPU_PROVIDERS for p in wanted) and not _gpu_present():
+            raise ValueError(f"ORTHSERVE_PROVIDERS={override} asks for a GPU, but none is visible "
+                             f"(CUDA_VISIBLE_DEVICES={settings().cuda_visible_devices!r}); use cpu, or expose a GPU")
     else:
         wanted = []
         if _gpu_present():
@@ -147,18 +171,20 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def serving_gpus() -> int:
+    """The GPUs the service runs on: the visible ones when the sessions use CUDA or TensorRT, else 0."""
+    return gpu_count() if choose_providers()[0] in GPU_PROVIDERS else 0
+
+
 def default_workers() -> int:
-    """``ORTHSERVE_WORKERS``, else one service process on a GPU (one CUDA context and one batch queue feed it)
-    and up to 4 on CPU: a worker's HTTP handling runs under one GIL, so with one worker a 64 px model left a
-    third of 2 CPUs idle (2 workers: +50% req/s, bench/results/service_vs_raw.md)."""
-    if settings().workers:
-        return settings().workers
-    return 1 if _gpu_present() else min(4, available_cpus())
+    """``ORTHSERVE_WORKERS``, else one service process per GPU the sessions run on (each worker its own device,
+    CUDA context and batch queue), else up to 4 on CPU (``gpu.workers_for``)."""
+    return gpu.workers_for(settings().workers, serving_gpus(), available_cpus())
 
 
 def default_max_batch() -> int:
     """``ORTHSERVE_MAX_BATCH_SIZE``, else 256 images on a GPU (large batches are where it is fast) and 32 on CPU."""
-    return settings().max_batch or (256 if _gpu_present() else 32)
+    return settings().max_batch or (256 if serving_gpus() else 32)
 
 
 def default_threads() -> int:
@@ -176,6 +202,7 @@ class OnnxEncoder:
         self.variant = choose_variant(artifact, component, on_gpu=on_gpu)
         self.path = artifact.onnx_path(component, self.variant)
         graphs = on_gpu and component == "image" and settings().cuda_graphs
+        self.device_id = worker_device() if on_gpu else 0
         try:
             self.session = self._open(artifact, component, providers, threads, max_batch, graphs)
         except Exception as err:  # noqa: BLE001 - e.g. a node on the CPU provider: no CUDA graph possible
@@ -188,7 +215,7 @@ class OnnxEncoder:
         self.input = self.session.get_inputs()[0].name
         self.dtype = gpu.INPUT_DTYPES[self.session.get_inputs()[0].type]
         # on a GPU: IO binding with pinned host buffers (service/gpu.py); on CPU, session.run
-        self.bound = gpu.BoundRunner(self.session, max_batch, graphs=graphs) \
+        self.bound = gpu.BoundRunner(self.session, max_batch, device_id=self.device_id, graphs=graphs) \
             if self.providers[0] in GPU_PROVIDERS else None
         self.lock = threading.Lock()  # one run at a time: the session already uses every thread it has
 
@@ -196,8 +223,8 @@ class OnnxEncoder:
               max_batch: int, graphs: bool):
         row = artifact.manifest["inputs"][component]["shape"][1:]
         name = artifact.manifest["inputs"][component]["name"]
-        with_options = [(p, gpu.provider_options(p, name, row, max_batch, graphs)) if p in GPU_PROVIDERS else p
-                        for p in providers]
+        with_options = [(p, gpu.provider_options(p, name, row, max_batch, graphs, self.device_id))
+                        if p in GPU_PROVIDERS else p for p in providers]
         # no busy-waiting threads: the API worker decodes images on the same cores (+13-35% req/s, 2 CPUs)
         return ort_session(self.path, self.variant, with_options, threads or default_threads(), spinning=False)
 

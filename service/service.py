@@ -14,7 +14,8 @@ from .api import info_app, prepare_images
 from .balance import ConnectionBalancer
 from .batching import Batcher
 from .settings import settings
-from .runtime import ImageModel, TextModel, default_workers, open_artifact, rank, resolve_model
+from .runtime import (ImageModel, TextModel, default_max_batch, default_workers, open_artifact, rank, resolve_model,
+                      serving_gpus)
 from .openapi import DocsPages
 from .validation import (LabelsField, RequestError, RequestGuard, check_texts, check_top_k, json_errors,
                                 labels_from_form)
@@ -39,11 +40,31 @@ def artifact() -> Artifact:
     return _CHECKED if resolve_model().resolve() == Path(_CHECKED.root).resolve() else open_artifact()
 
 
+def service_config(workers: int, gpus: int, max_batch: int) -> dict:
+    """``@bentoml.service``'s settings for ``workers`` processes on ``gpus`` GPUs (0: CPU), batches of ``max_batch``.
+
+    With GPUs the service asks BentoML for them: BentoML hands the workers their CUDA_VISIBLE_DEVICES, and each
+    worker opens its sessions on device worker_index - 1 (runtime.worker_device).
+
+    ``concurrency`` is the number of requests in flight at which a replica is full, for BentoCloud's autoscaler.
+    Each worker's Batcher (service/batching.py) runs one batch of up to ``max_batch`` images while the next one
+    gathers, so ``max_batch`` single-image requests per worker are what its batches can hold; past
+    ``workers x max_batch`` requests only wait longer for the same throughput, and another replica helps more.
+    (BentoML's docs: with adaptive batching, concurrency = the batch size, times the workers batching in
+    parallel.)  One GPU: 256; CPU: 32 per worker, where batches gain less (2 CPUs were saturated by 8 clients,
+    bench/results/service_vs_raw_vitb32.md): lower it for latency with ORTHSERVE_MAX_BATCH_SIZE, or on BentoCloud
+    with config_overrides (deploy/bentocloud.yaml).  ``max_concurrency`` is the hard limit (429 beyond it), split
+    evenly over the workers by BentoML: 256 as before on CPU and on one GPU, a full batch per worker on several."""
+    concurrency = workers * max_batch
+    return {"workers": workers, "resources": {"gpu": gpus} if gpus else {},
+            "traffic": {"timeout": 60, "concurrency": concurrency, "max_concurrency": max(256, concurrency)}}
+
+
 WORKERS = default_workers()
 
 
 @bentoml.asgi_app(info_app, path="/")
-@bentoml.service(workers=WORKERS, traffic={"timeout": 60, "max_concurrency": 256})
+@bentoml.service(**service_config(WORKERS, serving_gpus(), default_max_batch()))
 class Classifier:
     """Zero-shot (labels + templates) or fine-tuned classes, embeddings; bad input gets a 4xx."""
 
@@ -51,7 +72,8 @@ class Classifier:
         self.limits = settings().limits
         self.artifact = artifact()
         self.image = ImageModel(self.artifact)
-        # adaptive batching of the image tower, batches assembled in its pinned buffer on a GPU
+        # adaptive batching of the image tower, batches assembled in its pinned buffer on a GPU; one per worker
+        # process (__init__ runs in each), so each GPU worker batches only for its own device
         self.batcher = Batcher(self.image.encode, self.image.max_batch, self.image.staging)
         self.text = TextModel(self.artifact, settings().label_cache)
         self.name, self.ready = str(self.artifact.manifest.get("model")), True

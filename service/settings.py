@@ -1,7 +1,8 @@
 """Every setting of the service, read from ``ORTHSERVE_*`` environment variables in one place.
 
-``settings()`` builds the object once per environment (it is rebuilt only when an ``ORTHSERVE_*`` variable
-changes, as in tests). A value that does not parse stops the server with a message naming the variable.
+``CUDA_VISIBLE_DEVICES`` is read here too (it is CUDA's, not ours): it says which GPUs the workers may use.
+``settings()`` builds the object once per environment (it is rebuilt only when one of these variables changes,
+as in tests). A value that does not parse stops the server with a message naming the variable.
 docs/SERVING.md lists them with their defaults.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Mapping
 from orthserve.preprocess import DEFAULT_MAX_PIXELS
 
 PREFIX = "ORTHSERVE_"
+CUDA_VISIBLE = "CUDA_VISIBLE_DEVICES"
 VARIANTS = ("auto", "fp32", "fp16", "int8")
 
 
@@ -35,7 +37,7 @@ class Settings:
     providers: str = ""          # ORTHSERVE_PROVIDERS: e.g. "cpu" or "cuda,cpu" ("": TensorRT/CUDA where present)
     variant: str = "auto"        # ORTHSERVE_VARIANT: both towers; auto = fp16 on GPU, fp32 on CPU
     int8_image: bool = False     # ORTHSERVE_INT8=1: the int8 image tower on CPU, text in fp32 (under variant auto)
-    workers: int | None = None   # ORTHSERVE_WORKERS (None: 1 with a GPU, else one per CPU up to 4)
+    workers: int | None = None   # ORTHSERVE_WORKERS (None: one per visible GPU, else one per CPU up to 4)
     threads: int | None = None   # ORTHSERVE_THREADS: intra-op threads per session (None: the CPUs / workers)
     work_threads: int | None = None  # ORTHSERVE_WORK_THREADS: decoding and text threads (None: 2 per CPU, >= 4)
     max_batch: int | None = None  # ORTHSERVE_MAX_BATCH_SIZE (None: 256 on a GPU, 32 on CPU)
@@ -45,6 +47,7 @@ class Settings:
     balance: bool = True         # ORTHSERVE_BALANCE=0: never ask keep-alive clients to reconnect (service/balance.py)
     debug: bool = False          # ORTHSERVE_DEBUG=1: tracebacks for start-up errors
     limits: Limits = field(default_factory=Limits)
+    cuda_visible_devices: str | None = None  # CUDA_VISIBLE_DEVICES as CUDA reads it (None: unset, every GPU)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
@@ -76,7 +79,7 @@ class Settings:
                    work_threads=number("WORK_THREADS", None), max_batch=number("MAX_BATCH_SIZE", None),
                    cuda_graphs=flag("CUDA_GRAPHS", False), trt_cache=Path(text("TRT_CACHE") or d.trt_cache),
                    label_cache=number("LABEL_CACHE", d.label_cache), balance=flag("BALANCE", True),
-                   debug=flag("DEBUG", False),
+                   debug=flag("DEBUG", False), cuda_visible_devices=env.get(CUDA_VISIBLE),
                    limits=Limits(*(number(name, getattr(limits, attr)) for name, attr in (
                        ("MAX_BYTES", "max_bytes"), ("MAX_PIXELS", "max_pixels"), ("MAX_LABELS", "max_labels"),
                        ("MAX_LABEL_CHARS", "max_label_chars"), ("MAX_IMAGES", "max_images"),
@@ -97,9 +100,10 @@ def remember_verified(mark: str) -> None:
 
 
 def settings() -> Settings:
-    """The settings of this process's environment (built once; again only if an ORTHSERVE_* variable changed)."""
+    """The settings of this process's environment (built once; again only if one of its variables changed)."""
     global _built
-    key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(PREFIX) and k != VERIFIED))
+    key = tuple(sorted((k, v) for k, v in os.environ.items()
+                       if (k.startswith(PREFIX) and k != VERIFIED) or k == CUDA_VISIBLE))
     if _built is None or _built[0] != key:
         _built = (key, Settings.from_env())
     return _built[1]

@@ -48,3 +48,14 @@ def test_no_service_module_reads_the_environment_itself():
 
     readers = [p.name for p in (REPO / "service").glob("*.py") if p.name != "settings.py" and "os.environ" in p.read_text()]
     assert readers == []
+
+
+def test_cuda_visible_devices_is_read_and_rebuilds_the_settings(monkeypatch):
+    """CUDA's own variable picks the GPUs the workers get (service/gpu.py); unset and empty differ (empty: none)."""
+    assert Settings.from_env({}).cuda_visible_devices is None
+    assert Settings.from_env({"CUDA_VISIBLE_DEVICES": ""}).cuda_visible_devices == ""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    first = settings()
+    assert first.cuda_visible_devices == "0,1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert settings().cuda_visible_devices == "1" and settings() is not first
