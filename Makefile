@@ -50,3 +50,9 @@ gpu-check:
 
 clean:
 	rm -rf $(VENV) artifacts
+
+# The Bento's container image, built here and checked against `bentoml serve` on the same artifact (needs a Docker
+# daemon; not part of `make test`): deploy/docker/check_container.py, docs/CONTAINER.md.  ARGS='--image orthserve:TAG'.
+.PHONY: container
+container: artifact
+	$(PY) deploy/docker/check_container.py --artifact $(ARTIFACT) $(ARGS)
