@@ -1,4 +1,10 @@
-"""Shared fixtures. Real images live in ../shared/data (never copied into the repo)."""
+"""Shared fixtures.
+
+``sample_images``: small synthetic JPEGs committed in tests/fixtures/images (folders ``flowers5`` and
+``hymenoptera-val``, named like the real ones), for tests that need some images to run on.
+``data_dir``: the real images in ../shared/data (never copied into the repo), for tests about real
+photos or the benchmark datasets; those skip without them.
+"""
 from __future__ import annotations
 
 import os
@@ -13,6 +19,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 
+IMAGES = REPO / "tests" / "fixtures" / "images"  # written by tests/fixtures/make_images.py
+
 requires_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real images not found at {DATA}")
 
 
@@ -23,6 +31,11 @@ def tiny():
 
     torch.manual_seed(0)
     return orthserve.load_model("orthserve-tiny", "none")
+
+
+@pytest.fixture(scope="session")
+def sample_images() -> Path:
+    return IMAGES
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-PHOTOS = REPO.parent / "shared" / "data" / "hymenoptera-val"
+PHOTOS = REPO / "tests" / "fixtures" / "images" / "hymenoptera-val"  # committed synthetic photos (conftest)
 CLASSES = ["ants", "bees"]
 TEMPLATES = ["a photo of {}.", "a close-up photo of {}."]
 
@@ -35,7 +35,7 @@ def export_tiny(base: Path) -> Path:
 
 
 def photos(n: int = 4) -> list[Path]:
-    """A few real photos, both classes."""
+    """A few photos, both classes (committed synthetic JPEGs: tests/fixtures/images)."""
     ants, bees = sorted((PHOTOS / "ants").glob("*.jpg")), sorted((PHOTOS / "bees").glob("*.jpg"))
     return [p for pair in zip(ants, bees) for p in pair][:n]
 

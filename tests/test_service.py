@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service_helpers import CLASSES, PHOTOS, bomb, encode, export_tiny, odd_images, photos
+from service_helpers import CLASSES, bomb, encode, export_tiny, odd_images, photos
 
-pytestmark = pytest.mark.skipif(not PHOTOS.is_dir(), reason=f"real photos not found at {PHOTOS}")
 
 LIMITS = {"ORTHSERVE_MAX_BYTES": str(2 * 1024 * 1024), "ORTHSERVE_MAX_LABELS": "10",
           "ORTHSERVE_MAX_IMAGES": "4", "ORTHSERVE_MAX_TEXTS": "8"}

@@ -26,9 +26,9 @@ def quick(data: Path, out: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.parametrize("method", finetune.METHODS)
-def test_every_method_trains_one_epoch_and_rebuilds(data_dir, tmp_path, method):
+def test_every_method_trains_one_epoch_and_rebuilds(sample_images, tmp_path, method):
     out = tmp_path / "run"
-    metrics = finetune.main(quick(data_dir / "flowers5", out, "--method", method))
+    metrics = finetune.main(quick(sample_images / "flowers5", out, "--method", method))
     for name in ("adapter.safetensors", "run.json", "metrics.json", "confusion.png"):
         assert (out / name).is_file(), name
     if method != "zeroshot":
@@ -48,23 +48,23 @@ def test_every_method_trains_one_epoch_and_rebuilds(data_dir, tmp_path, method):
     if method in ("lora", "aoft", "orthcr", "orthcr+taskres", "taskres"):
         assert tensors and all(k.startswith(("model.", "taskres.")) for k in tensors)
     # the run rebuilds from RUN_DIR alone and scores the same held-out images identically
-    result = evaluate.main(["--run", str(out), "--data", str(data_dir / "flowers5"), "--per-class", "3",
+    result = evaluate.main(["--run", str(out), "--data", str(sample_images / "flowers5"), "--per-class", "3",
                             "--workers", "0", "--out", str(tmp_path / "eval.json")])
     assert json.loads((tmp_path / "eval.json").read_text())["top1"] == result["top1"]
     classifier, _ = load_run(out)
     assert classifier.classnames == info.classnames
 
 
-def test_resumed_run_ends_with_the_same_metrics(data_dir, tmp_path):
+def test_resumed_run_ends_with_the_same_metrics(sample_images, tmp_path):
     args = ["--method", "orthcr+taskres", "--epochs", "3", "--shots", "3", "--batch-size", "8",
             "--cutout", "attentive"]
-    whole = finetune.main(quick(data_dir / "flowers5", tmp_path / "whole", *args))
+    whole = finetune.main(quick(sample_images / "flowers5", tmp_path / "whole", *args))
     parted = tmp_path / "parted"
-    stopped = finetune.main(quick(data_dir / "flowers5", parted, *args, "--stop-after-epochs", "1"))
+    stopped = finetune.main(quick(sample_images / "flowers5", parted, *args, "--stop-after-epochs", "1"))
     assert stopped["stopped_at_epoch"] == 1 and not (parted / "metrics.json").exists()
     stale = parted / ".checkpoint.pt.tmp-99999"  # what a kill -9 during a checkpoint write leaves
     stale.write_bytes(b"half a checkpoint")
-    resumed = finetune.main(quick(data_dir / "flowers5", parted, *args, "--resume"))
+    resumed = finetune.main(quick(sample_images / "flowers5", parted, *args, "--resume"))
     assert not stale.exists()
     untimed = lambda rows: [{k: v for k, v in row.items() if k != "train_seconds"} for row in rows]  # noqa: E731
     assert untimed(resumed["epochs"]) == untimed(whole["epochs"]) and resumed["test"] == whole["test"]
@@ -73,33 +73,33 @@ def test_resumed_run_ends_with_the_same_metrics(data_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_base_to_new_reports_harmonic_mean(data_dir, tmp_path):
-    metrics = finetune.main(quick(data_dir / "flowers5", tmp_path / "run", "--method", "lora", "--subsample", "base"))
+def test_base_to_new_reports_harmonic_mean(sample_images, tmp_path):
+    metrics = finetune.main(quick(sample_images / "flowers5", tmp_path / "run", "--method", "lora", "--subsample", "base"))
     assert RunInfo.read(tmp_path / "run").classnames == ["daisy", "dandelion", "rose"]
     base, new = metrics["base_top1"], metrics["new_top1"]
     assert metrics["new"]["images"] == 8  # 4 per new class
     assert metrics["harmonic_mean"] == pytest.approx(0 if base + new == 0 else 2 * base * new / (base + new))
-    result = evaluate.main(["--run", str(tmp_path / "run"), "--data", str(data_dir / "flowers5"),
+    result = evaluate.main(["--run", str(tmp_path / "run"), "--data", str(sample_images / "flowers5"),
                             "--subsample", "new", "--per-class", "4", "--seed", "3", "--workers", "0"])
     assert result["classes"] == ["sunflower", "tulip"] and result["images"] == 8
     assert (tmp_path / "run" / "eval-flowers5-new.json").is_file()
 
 
-def test_zero_shot_evaluation_needs_no_run(data_dir, tmp_path):
-    result = evaluate.main(["--model", "orthserve-tiny", "--pretrained", "none", "--data", str(data_dir / "hymenoptera-val"),
+def test_zero_shot_evaluation_needs_no_run(sample_images, tmp_path):
+    result = evaluate.main(["--model", "orthserve-tiny", "--pretrained", "none", "--data", str(sample_images / "hymenoptera-val"),
                             "--per-class", "3", "--workers", "0", "--out", str(tmp_path / "zs.json")])
     assert result["method"] == "zeroshot" and result["images"] == 6 and result["classes"] == ["ants", "bees"]
 
 
-def test_yaml_config_with_flags_on_top(data_dir, tmp_path):
+def test_yaml_config_with_flags_on_top(sample_images, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("method: lora\nrank: 3\nlambda1: 0.25\ntemplate: 'a photo of a {}, a flower.'\nepochs: 5\n")
-    args = finetune.parse_args(quick(data_dir / "flowers5", tmp_path / "run", "--config", str(config)))
+    args = finetune.parse_args(quick(sample_images / "flowers5", tmp_path / "run", "--config", str(config)))
     assert (args.method, args.rank, args.lambda1, args.epochs) == ("lora", 3, 0.25, 1)  # --epochs 1 wins
     assert args.templates == ["a photo of a {}, a flower."] and args.objective == "ce" and args.lr == 2e-4
     (tmp_path / "bad.yaml").write_text("methd: lora\n")
     with pytest.raises(SystemExit):
-        finetune.parse_args(quick(data_dir / "flowers5", tmp_path / "run", "--config", str(tmp_path / "bad.yaml")))
+        finetune.parse_args(quick(sample_images / "flowers5", tmp_path / "run", "--config", str(tmp_path / "bad.yaml")))
 
 
 def test_help_documents_the_options():
@@ -110,9 +110,9 @@ def test_help_documents_the_options():
         assert option in text, option
 
 
-def test_bad_input_gets_clear_errors(data_dir, tmp_path, capsys):
+def test_bad_input_gets_clear_errors(sample_images, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        finetune.main(quick(data_dir / "flowers5", tmp_path / "r", "--method", "prompt-tuning"))
+        finetune.main(quick(sample_images / "flowers5", tmp_path / "r", "--method", "prompt-tuning"))
     assert "unknown --method 'prompt-tuning'" in capsys.readouterr().err
     with pytest.raises(DataError, match="does not exist"):
         finetune.main(quick(tmp_path / "nowhere", tmp_path / "r"))
@@ -120,14 +120,14 @@ def test_bad_input_gets_clear_errors(data_dir, tmp_path, capsys):
     with pytest.raises(DataError, match="is empty"):
         finetune.main(quick(tmp_path / "empty", tmp_path / "r"))
     # a run of one model cannot be resumed or evaluated as another
-    finetune.main(quick(data_dir / "flowers5", tmp_path / "r", "--method", "taskres"))
+    finetune.main(quick(sample_images / "flowers5", tmp_path / "r", "--method", "taskres"))
     with pytest.raises(DataError, match="orthserve-tiny"):
-        finetune.main(quick(data_dir / "flowers5", tmp_path / "r", "--method", "taskres", "--resume",
+        finetune.main(quick(sample_images / "flowers5", tmp_path / "r", "--method", "taskres", "--resume",
                             "--model", "ViT-B-32"))
     with pytest.raises(DataError, match="already holds a run"):
-        finetune.main(quick(data_dir / "flowers5", tmp_path / "r", "--method", "taskres"))
+        finetune.main(quick(sample_images / "flowers5", tmp_path / "r", "--method", "taskres"))
     with pytest.raises(DataError, match="not 'ViT-B-32'"):
-        evaluate.main(["--run", str(tmp_path / "r"), "--model", "ViT-B-32", "--data", str(data_dir / "flowers5")])
+        evaluate.main(["--run", str(tmp_path / "r"), "--model", "ViT-B-32", "--data", str(sample_images / "flowers5")])
     proc = subprocess.run([sys.executable, "-m", "training.finetune", *quick(tmp_path / "empty", tmp_path / "x")],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode != 0 and "error:" in proc.stderr and "Traceback" not in proc.stderr
@@ -154,13 +154,13 @@ def test_csv_manifest_and_iterations(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_training_follows_the_eager_loss_curve(data_dir, tmp_path):
+def test_compiled_training_follows_the_eager_loss_curve(sample_images, tmp_path):
     """``--compile`` (torch.compile of forward and loss, about a minute to compile here) trains the same
     model: per-epoch losses within 1e-3 of eager (compiled kernels reorder fp32 sums), the same number of
     steps; attentive Cutout so that the hooked frozen pass and the random draws go through it too."""
     args = ["--method", "orthcr", "--epochs", "3", "--shots", "4", "--batch-size", "10", "--cutout", "attentive"]
-    eager = finetune.main(quick(data_dir / "flowers5", tmp_path / "eager", *args))
-    compiled = finetune.main(quick(data_dir / "flowers5", tmp_path / "compiled", *args, "--compile"))
+    eager = finetune.main(quick(sample_images / "flowers5", tmp_path / "eager", *args))
+    compiled = finetune.main(quick(sample_images / "flowers5", tmp_path / "compiled", *args, "--compile"))
     assert compiled["steps"] == eager["steps"] == 6
     assert compiled["epochs"][0] == eager["epochs"][0]  # the zero-shot row
     for mine, theirs in zip(compiled["epochs"][1:], eager["epochs"][1:]):
@@ -179,3 +179,21 @@ def test_result_line_states_the_gain_over_zero_shot():
     line = finetune.result_line({"test": {"top1": 0.62}, "new_top1": 0.40,
                                  "zero_shot": {"test_top1": 0.48, "new_top1": 0.41}, "gain": {"test_top1": 0.14, "new_top1": -0.01}})
     assert line == "test top-1 62.0% (zero-shot 48.0%, +14.0 points); new-class top-1 40.0% (zero-shot 41.0%, -1.0 points)"
+
+
+def test_pretrain_writes_its_run_and_resumes_from_the_shared_checkpoint(sample_images, tmp_path):
+    """training.pretrain uses the run directory of finetune (training/rundir.py): same checkpoint format."""
+    from training import pretrain
+    from training.rundir import CHECKPOINT_FORMAT
+
+    argv = ["--data", str(sample_images / "flowers5"), "--holdout-per-class", "1", "--epochs", "1", "--batch-size", "8",
+            "--warmup-steps", "1", "--precision", "fp32", "--device", "cpu", "--out", str(tmp_path / "run"),
+            "--weights-out", str(tmp_path / "mini.safetensors")]
+    first = pretrain.main(argv)
+    for name in ("checkpoint.pt", "metrics.json", "log.csv", "curves.png"):
+        assert (tmp_path / "run" / name).is_file(), name
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["format"] == CHECKPOINT_FORMAT and state["epoch"] == 1 and len(state["rng"]) == 1
+    resumed = pretrain.main([*argv, "--resume"])  # nothing left to train: the same model, the same held-out score
+    assert resumed["history"] == first["history"]
+    assert resumed["holdout_top1_shipped"] == first["holdout_top1_shipped"]

@@ -29,26 +29,26 @@ def make_folder(root: Path, counts: dict[str, int], corrupt: dict[str, int] | No
     return root
 
 
-def test_shot_sampling_is_exact_coop(data_dir):
-    data = load_labelled(data_dir / "flowers5")
+def test_shot_sampling_is_exact_coop(sample_images):
+    data = load_labelled(sample_images / "flowers5")
     assert data.classes == ["daisy", "dandelion", "rose", "sunflower", "tulip"]
     shots, rest = few_shot(data, 3, seed=7)
     rng, expected = random.Random(7), []
     for label, name in enumerate(data.classes):
-        paths = sorted(str(p) for p in (data_dir / "flowers5" / name).iterdir())
+        paths = sorted(str(p) for p in (sample_images / "flowers5" / name).iterdir())
         expected += [(p, label) for p in rng.sample(paths, 3)]
     assert [(s.path, s.label) for s in shots.samples] == expected
     assert len(shots.samples) + len(rest.samples) == len(data.samples)
     assert not {s.path for s in shots.samples} & {s.path for s in rest.samples}
-    again, _ = few_shot(load_labelled(data_dir / "flowers5"), 3, seed=7)
+    again, _ = few_shot(load_labelled(sample_images / "flowers5"), 3, seed=7)
     assert [s.path for s in again.samples] == [s.path for s in shots.samples]
     other, _ = few_shot(data, 3, seed=8)
     assert [s.path for s in other.samples] != [s.path for s in shots.samples]
 
 
-def test_base_new_split_is_first_half_rounded_up(data_dir, tmp_path):
-    base = load_labelled(data_dir / "flowers5", subsample="base")
-    new = load_labelled(data_dir / "flowers5", subsample="new")
+def test_base_new_split_is_first_half_rounded_up(sample_images, tmp_path):
+    base = load_labelled(sample_images / "flowers5", subsample="base")
+    new = load_labelled(sample_images / "flowers5", subsample="new")
     assert base.classes == ["daisy", "dandelion", "rose"] and new.classes == ["sunflower", "tulip"]
     assert {s.label for s in new.samples} == {0, 1}  # relabelled from 0, as CoOp
     assert subsample_classes(list("abcdefg"), "base") == list("abcd")

@@ -94,8 +94,8 @@ def test_lr_schedule_warms_up_then_decays():
 
 
 @pytest.mark.parametrize("method", ["orthcr", "lora"])
-def test_loss_falls_on_a_fixed_batch(tiny, data_dir, method):
-    data = load_labelled(data_dir / "flowers5", subsample="base")
+def test_loss_falls_on_a_fixed_batch(tiny, sample_images, method):
+    data = load_labelled(sample_images / "flowers5", subsample="base")
     shots, _ = few_shot(data, 3, seed=1)
     spec = PreprocessSpec.from_model(tiny[0])
     dataset = TrainImages(shots, spec, seed=0, augment=False)

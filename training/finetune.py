@@ -21,14 +21,10 @@ confusion.png (<= 50 classes) and checkpoint.pt (for --resume).
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import logging
 import math
 import os
-import platform
 import random
-import subprocess
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -41,22 +37,22 @@ from torch.utils.data import DataLoader
 
 import orthserve
 from orthserve import cli
-from orthserve.files import atomic_text, atomic_write
 from orthserve.adapters import ATTENTION_TARGETS, FFN_TARGETS, AdapterConfig
 from orthserve.classifier import DEFAULT_TEMPLATES
 from orthserve.preprocess import PreprocessSpec
-from orthserve.runs import ADAPTER_FILE, RunInfo, load_base_model
+from orthserve.runs import RunInfo, load_base_model
 
-from .data import (SUBSAMPLES, DataError, EpochSampler, LabelledSet, TrainImages, drop_unreadable, few_shot, load_labelled,
+from . import distributed
+from .data import (SUBSAMPLES, DataError, LabelledSet, TrainImages, drop_unreadable, few_shot, load_labelled,
                    per_class, subsample_classes)
 from .evaluate import classifier_for, evaluate_classifier, harmonic_mean
+from .distributed import Processes, ShardedEpochSampler
 from .objective import CUTOUT_MODES, CrossEntropyObjective, OrthCRConfig, OrthCRObjective
+from .rundir import CHECKPOINT, RunDir, git_commit, rng_state, set_rng_state, versions
 
 log = logging.getLogger("training.finetune")
 METHODS = ("zeroshot", "taskres", "lora", "aoft", "orthcr", "orthcr+taskres", "full")
 DEFAULT_LR = {"taskres": 2e-3, "lora": 2e-4, "aoft": 1e-3, "orthcr": 2e-4, "orthcr+taskres": 2e-4, "full": 1e-5}
-CHECKPOINT = "checkpoint.pt"
-REPO = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- options
@@ -346,10 +342,13 @@ class DeviceSums:
         self.images += images
 
     def means(self) -> dict[str, float]:
+        """Means over every process's images (one all-reduce under torchrun)."""
         if not self.sums:
             return {}
-        values = torch.stack(list(self.sums.values())).tolist()  # the one sync
-        return {k: v / max(self.images, 1) for k, v in zip(self.sums, values)}
+        sums = list(self.sums.values())
+        values = distributed.sum_across(torch.stack([*sums, torch.full_like(sums[0], self.images)]))
+        *totals, images = values.tolist()  # the one sync
+        return {k: v / max(images, 1) for k, v in zip(self.sums, totals)}
 
 
 ORTHOGONALITY_TOLERANCE = 1e-5
@@ -380,148 +379,23 @@ def compile_objective(objective, mode: str = "default"):
     return lambda classifier, images, labels: compiled(classifier, images, labels, objective.draws(images))
 
 
-# --------------------------------------------------------------------------- run directory
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def git_commit() -> str | None:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-        return f"{commit}{'-dirty' if dirty else ''}" if commit else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def versions() -> dict[str, str]:
-    import open_clip
-    import torchvision
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "open_clip": open_clip.__version__, "orthserve": orthserve.__version__}
-
+# --------------------------------------------------------------------------- run record
 
 def hyper_parameters(args) -> dict:
     skip = {"config", "resume", "overwrite", "stop_after_epochs", "checkpoint_every", "progress", "out", "template"}
     return {k: v for k, v in vars(args).items() if k not in skip}
 
 
-def save_weights(classifier, configs, run_dir: Path, method: str) -> None:
-    """adapter.safetensors: adapter tensors only, or the whole CLIP state_dict for ``full``."""
-    if method == "full":
-        from safetensors.torch import save_file
+def run_info(args, train: LabelledSet, configs, spec: PreprocessSpec, processes: Processes) -> RunInfo:
+    """run.json: what export and evaluation need to rebuild the model, and how it was trained."""
+    return RunInfo(model=args.model, pretrained=str(args.pretrained), method=args.method, classnames=train.classnames,
+                   templates=args.templates, adapters=[c.to_dict() for c in configs], preprocess=spec.to_dict(),
+                   seed=args.seed, extra={"hyper_parameters": hyper_parameters(args), "world_size": processes.world_size,
+                                          "versions": versions(), "git_commit": git_commit(), "classes": train.classes,
+                                          "train_images": ([s.path for s in train.samples]
+                                                           if len(train.samples) <= 5000 else len(train.samples)),
+                                          "data_notes": train.notes})
 
-        state = {k: v.detach().float().cpu().contiguous().clone() for k, v in classifier.model.state_dict().items()}
-        atomic_write(run_dir / ADAPTER_FILE, lambda tmp: save_file(state, str(tmp)))
-    else:
-        orthserve.save_adapters(run_dir / ADAPTER_FILE, classifier, configs)
-
-
-def check_run_dir(args, run_dir: Path, classnames: list[str]) -> None:
-    """Refuse to mix runs: a different model/method/classes under --resume, or clobbering without --overwrite."""
-    existing = run_dir / "run.json"
-    if args.resume:
-        if not (run_dir / CHECKPOINT).is_file():
-            raise DataError(f"--resume: {run_dir} has no {CHECKPOINT} to continue from")
-        info = RunInfo.read(run_dir)
-        if info.model != args.model or info.pretrained != args.pretrained:
-            raise DataError(f"--resume: {run_dir} is a run of model {info.model!r} ({info.pretrained}), "
-                            f"not {args.model!r} ({args.pretrained})")
-        if info.method != args.method:
-            raise DataError(f"--resume: {run_dir} was trained with method {info.method!r}, not {args.method!r}")
-        if info.classnames != classnames:
-            raise DataError(f"--resume: {run_dir} was trained on other classes ({len(info.classnames)} classes)")
-    elif existing.is_file() and not args.overwrite:
-        raise DataError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to start over, "
-                        "or choose another --out")
-
-
-def write_history(run_dir: Path, history: list[dict]) -> None:
-    if not history:
-        return
-    fields = list(dict.fromkeys(k for row in history for k in row))
-
-    def write(tmp: Path) -> None:
-        with tmp.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(history)
-
-    atomic_write(run_dir / "log.csv", write)
-
-
-def plot_curves(run_dir: Path, history: list[dict]) -> None:
-    """curves.png: the training objective and its terms, validation cross-entropy, and top-1, each on its own
-    axis; epoch 0 is the pretrained (zero-shot) model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    trained = [row for row in history if row["epoch"] > 0]
-    has_val_loss = any("val_loss" in row for row in history)
-    fig, axes = plt.subplots(1, 3 if has_val_loss else 2, figsize=(15 if has_val_loss else 10, 4))
-    objective, top1 = axes[0], axes[-1]
-    epochs = [row["epoch"] for row in trained]
-    objective.plot(epochs, [row["train_loss"] for row in trained], "o-", label="objective (total)")
-    skip = {"train_loss", "train_acc", "train_seconds"}
-    for key in dict.fromkeys(k for row in trained for k in row if k.startswith("train_") and k not in skip):
-        objective.plot(epochs, [row.get(key, float("nan")) for row in trained], ".--", label=key[len("train_"):])
-    objective.set(xlabel="epoch", ylabel="value", title="training objective and its terms")
-    top1.plot(epochs, [row["train_acc"] for row in trained], "o-", label="train top-1")
-    if has_val_loss:
-        val = [row for row in history if "val_loss" in row]
-        axes[1].plot([r["epoch"] for r in val], [r["val_loss"] for r in val], "o-", color="C1", label="validation")
-        axes[1].set(xlabel="epoch", ylabel="cross-entropy", title="validation cross-entropy (epoch 0: zero-shot)")
-    val = [row for row in history if "val_acc" in row]
-    if val:
-        top1.plot([r["epoch"] for r in val], [r["val_acc"] for r in val], "o-", label="validation top-1")
-    baseline = history[0] if history and history[0]["epoch"] == 0 else {}
-    for key, label, style in (("val_top1", "zero-shot (validation)", ":"), ("test_top1", "zero-shot (test)", "--")):
-        if baseline.get(key) is not None:
-            top1.axhline(baseline[key], color="gray", linestyle=style, linewidth=1, label=label)
-    top1.set(xlabel="epoch", ylabel="top-1", title="accuracy", ylim=(0, 1))
-    for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(run_dir / "curves.png", dpi=100)
-    plt.close(fig)
-
-
-def plot_confusion(run_dir: Path, confusion: list[list[int]], classnames: list[str]) -> None:
-    """confusion.png: row-normalized colours with a colour bar, and the image counts in the cells."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    counts = np.asarray(confusion, dtype=int)
-    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    size = max(5, 0.45 * len(classnames) + 3)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
-    shown = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="share of the true class's test images")
-    if len(classnames) <= 30:
-        for (i, j), n in np.ndenumerate(counts):
-            if n:
-                ax.text(j, i, str(n), ha="center", va="center", fontsize=7, color="white" if share[i, j] > 0.5 else "black")
-    ax.set_xticks(range(len(classnames)), classnames, rotation=90, fontsize=8)
-    ax.set_yticks(range(len(classnames)), classnames, fontsize=8)
-    ax.set(xlabel="predicted", ylabel="true", title=f"test confusion: {int(counts.sum())} images, "
-                                                    f"top-1 {np.trace(counts) / max(counts.sum(), 1):.1%}")
-    fig.tight_layout()
-    fig.savefig(run_dir / "confusion.png", dpi=100)
-    plt.close(fig)
-
-
-# --------------------------------------------------------------------------- main
 
 @torch.no_grad()
 def zero_shot_row(classifier, tokenizer, splits: dict, evaluate) -> dict:
@@ -539,78 +413,86 @@ def zero_shot_row(classifier, tokenizer, splits: dict, evaluate) -> dict:
     return row
 
 
-def rng_state(cutout: torch.Generator) -> dict:
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python": random.getstate(), "numpy": _numpy_state(), "cutout": cutout.get_state()}
+def final_metrics(args, classifier, tokenizer, splits: dict, evaluate, history: list[dict], step: int,
+                  trainable: int, run: RunDir) -> dict:
+    """metrics.json: test and new-class top-1 of the trained model, against epoch 0 (zero-shot)."""
+    train = splits["train"]
+    metrics: dict[str, Any] = {"model": args.model, "pretrained": args.pretrained, "method": args.method,
+                               "objective": args.objective if args.method != "zeroshot" else None,
+                               "shots": args.shots, "seed": args.seed, "subsample": args.subsample,
+                               "steps": step, "epochs": history, "notes": train.notes, "trainable_parameters": trainable}
+    if splits["test"] is not None:
+        test = evaluate(classifier, splits["test"], desc="test")
+        metrics["test"] = {k: v for k, v in test.items() if k != "confusion"}
+        if len(train.classnames) <= 50:
+            run.plot_confusion(test["confusion"], train.classnames)
+        if args.subsample == "base":
+            metrics["base_top1"] = test["top1"]
+    if splits["new"] is not None:
+        new = evaluate(classifier_for(classifier, tokenizer, splits["new"].classnames), splits["new"], desc="new classes")
+        metrics["new"] = {k: v for k, v in new.items() if k != "confusion"}
+        metrics["new_top1"] = new["top1"]
+        if "base_top1" in metrics:
+            metrics["harmonic_mean"] = harmonic_mean(metrics["base_top1"], metrics["new_top1"])
+    final = {"test_top1": metrics.get("test", {}).get("top1"), "new_top1": metrics.get("new_top1")}
+    baseline = history[0] if history and history[0]["epoch"] == 0 else ({**final} if args.method == "zeroshot" else {})
+    metrics["zero_shot"] = {k: baseline.get(k) for k in ("val_top1", "test_top1", "new_top1")}
+    metrics["gain"] = {k: final[k] - metrics["zero_shot"][k] for k in final
+                       if final[k] is not None and metrics["zero_shot"][k] is not None}
+    return metrics
 
 
-def _numpy_state() -> list:
-    """NumPy's RNG state as tensors and numbers, so the checkpoint loads with ``weights_only=True``."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]
-
-
-def set_rng_state(state: dict, cutout: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    try:
-        cutout.set_state(state["cutout"])
-    except RuntimeError:  # a CPU generator's state is ~5 KB, a CUDA one's 16 bytes: the run moved devices
-        log.warning("the checkpoint's Cutout generator is of another device type; Cutout draws restart from "
-                    "a fresh seed (the run is no longer bit-identical to an uninterrupted one)")
-
+# --------------------------------------------------------------------------- main
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Train, evaluate and write RUN_DIR; returns the metrics written to metrics.json."""
+    """Train, evaluate and write RUN_DIR; returns the metrics written to metrics.json (in every process)."""
+    args = parse_args(argv)
+    processes, device = distributed.start(args.device)
+    try:
+        return train(args, processes, device or pick_device(args.device))
+    finally:
+        distributed.stop(processes)
+
+
+def train(args: argparse.Namespace, processes: Processes, device: torch.device) -> dict:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("training").setLevel(logging.INFO)
+    logging.getLogger("training").setLevel(logging.INFO if processes.main else logging.WARNING)
     from tqdm import tqdm
 
-    args = parse_args(argv)
     cli.warn_random_weights(args.pretrained, log)
-    run_dir = Path(args.out)
-    device = pick_device(args.device)
     autocast, fp16 = autocast_for(device, args.precision)
-    progress = {"auto": None, "on": True, "off": False}[args.progress]
+    progress = {"auto": None, "on": True, "off": False}[args.progress] if processes.main else False
 
+    # data, model and run directory: identical in every process (same seed, same few-shot draw)
     splits = prepare_data(args)
     train = splits["train"]
-    check_run_dir(args, run_dir, train.classnames)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in run_dir.glob(".*.tmp-*"):  # left by a run killed mid-write; never loaded, only wasted space
-        stale.unlink(missing_ok=True)
-    if args.overwrite and not args.resume:
-        (run_dir / CHECKPOINT).unlink(missing_ok=True)
-
+    run = RunDir(args.out)
+    if processes.main:
+        run.start(resume=args.resume, overwrite=args.overwrite,
+                  expect={"model": args.model, "pretrained": str(args.pretrained), "method": args.method,
+                          "classnames": train.classnames})
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
     classifier, tokenizer, configs = build_classifier(args, train.classnames, device)
     spec = PreprocessSpec.from_model(classifier.model)
-    info = RunInfo(model=args.model, pretrained=str(args.pretrained), method=args.method, classnames=train.classnames,
-                   templates=args.templates, adapters=[c.to_dict() for c in configs], preprocess=spec.to_dict(),
-                   seed=args.seed, extra={"hyper_parameters": hyper_parameters(args), "versions": versions(),
-                                          "git_commit": git_commit(), "classes": train.classes,
-                                          "train_images": ([s.path for s in train.samples]
-                                                           if len(train.samples) <= 5000 else len(train.samples)),
-                                          "data_notes": train.notes})
-    info.save(run_dir)
+    info = run_info(args, train, configs, spec, processes)
+    if processes.main:
+        info.save(run.path)
 
     params = trainable_parameters(classifier)
-    log.info("method %s: %d trainable parameters in %d tensors; %d training images, %d classes, device %s",
+    log.info("method %s: %d trainable parameters in %d tensors; %d training images, %d classes, device %s%s",
              args.method, sum(p.numel() for p in params.values()), len(params), len(train.samples),
-             len(train.classes), device)
-    cutout_rng = torch.Generator(device=device).manual_seed(args.seed)  # on the device: no copy, no sync per step
+             len(train.classes), device, f", {processes.world_size} processes" if processes.distributed else "")
+    # Cutout draws on the device (no copy, no sync per step); each process its own stream, rank 0's = one process's
+    cutout_rng = torch.Generator(device=device).manual_seed(args.seed + 1_000_003 * processes.rank)
     history: list[dict] = []
     step, start_epoch = 0, 0
-    steps_per_epoch = math.ceil(len(train.samples) / args.batch_size)
+    train_data = TrainImages(train, spec, args.seed)
+    sampler = ShardedEpochSampler(len(train_data), args.seed, processes)
+    steps_per_epoch = math.ceil(len(sampler) / args.batch_size)
     epochs = math.ceil(args.iters / steps_per_epoch) if args.iters else args.epochs
     total_steps = args.iters or epochs * steps_per_epoch
-    train_data = TrainImages(train, spec, args.seed)
     evaluate = partial(evaluate_classifier, spec=spec, device=device, batch_size=args.eval_batch_size,
                        workers=args.workers, autocast=autocast, progress=progress)
 
@@ -631,26 +513,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
             optimizer, partial(lr_lambda, warmup=warmup, total=total_steps, floor=args.min_lr_ratio))
         scaler = torch.amp.GradScaler("cuda", enabled=fp16)
         if args.resume:
-            # on the CPU: RNG states must stay CPU tensors; parameters and optimizer state move where they belong
-            state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=True)  # no pickle
-            missing = params.keys() - state["trainable"].keys()
-            if missing:
-                raise DataError(f"--resume: checkpoint lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[:2]})")
-            with torch.no_grad():
-                for name, param in params.items():
-                    param.copy_(state["trainable"][name])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
+            state = run.load_checkpoint(params, optimizer, scheduler)
+            if len(state["rng"]) != processes.world_size:
+                raise DataError(f"--resume: {run.path} was trained by {len(state['rng'])} process(es), this run has "
+                                f"{processes.world_size}; resume with the same number (torchrun --nproc-per-node): "
+                                "the global batch and the Cutout draws depend on it")
             scaler.load_state_dict(state["scaler"])
-            set_rng_state(state["rng"], cutout_rng)
+            set_rng_state(state["rng"][processes.rank], cutout_rng)
             step, start_epoch, history = state["step"], state["epoch"], state["history"]
-            log.info("resumed from %s at epoch %d, step %d", run_dir / CHECKPOINT, start_epoch, step)
-        if not history:  # epoch 0: the pretrained model, what fine-tuning is measured against
+            log.info("resumed from %s at epoch %d, step %d", run.path / CHECKPOINT, start_epoch, step)
+        if not history and processes.main:  # epoch 0: the pretrained model, what fine-tuning is measured against
             history.append(zero_shot_row(classifier, tokenizer, splits, evaluate))
             log.info("zero-shot (epoch 0): %s", ", ".join(f"{k} {v:.4g}" for k, v in history[0].items() if k != "epoch"))
 
+        model = distributed.wrap(classifier, processes, device)  # what the step calls; `classifier` is inside it
         ran = 0
-        sampler = EpochSampler(len(train_data), args.seed)
         loader = DataLoader(train_data, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                             pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
                             prefetch_factor=4 if args.workers > 0 else None)
@@ -667,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     if step >= total_steps:
                         break
                     images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                    sums.add(*train_step(classifier, objective, optimizer, scheduler, scaler, images, labels,
+                    sums.add(*train_step(model, objective, optimizer, scheduler, scaler, images, labels,
                                          autocast, args.grad_clip), images=len(labels))
                     step += 1
                     if step % args.log_every == 0:
@@ -680,56 +557,39 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 means = check_finite(sums.means(), step)  # waits for the device: the epoch's time is complete
                 row = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
                        **{f"train_{k}": v for k, v in means.items()}, "train_seconds": time.time() - began}
-                if splits["val"] is not None:
-                    result = evaluate(classifier, splits["val"], desc="validate")
-                    row.update(val_loss=result["loss"], val_acc=result["top1"])
                 if args.method.startswith("orthcr"):
                     keep_orthogonal(classifier, args.cayley)
                     row["orthogonality_error"] = orthserve.max_orthogonality_error(classifier)
+                ran += 1
+                checkpoint = args.checkpoint_every and ((epoch + 1) % args.checkpoint_every == 0 or epoch + 1 == epochs
+                                                        or ran == args.stop_after_epochs)
+                rng = distributed.gather(rng_state(cutout_rng), processes) if checkpoint else None
+                if not processes.main:
+                    continue
+                if splits["val"] is not None:
+                    result = evaluate(classifier, splits["val"], desc="validate")
+                    row.update(val_loss=result["loss"], val_acc=result["top1"])
                 history.append(row)
                 log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
-                ran += 1
-                if args.checkpoint_every and ((epoch + 1) % args.checkpoint_every == 0 or epoch + 1 == epochs
-                                              or ran == args.stop_after_epochs):
-                    atomic_torch_save({"epoch": epoch + 1, "step": step, "history": history,
-                                       "trainable": {n: p.detach().cpu() for n, p in params.items()},
-                                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                       "scaler": scaler.state_dict(), "rng": rng_state(cutout_rng),
-                                       "model": args.model, "method": args.method}, run_dir / CHECKPOINT)
-                save_weights(classifier, configs, run_dir, args.method)
-                write_history(run_dir, history)
+                if checkpoint:
+                    run.save_checkpoint(epoch=epoch + 1, step=step, history=history, tensors=params, optimizer=optimizer,
+                                        scheduler=scheduler, rng=rng, scaler=scaler.state_dict(), model=args.model,
+                                        method=args.method)
+                run.save_weights(classifier, configs, args.method)
+                run.write_history(history)
 
-    save_weights(classifier, configs, run_dir, args.method)
-    metrics: dict[str, Any] = {"model": args.model, "pretrained": args.pretrained, "method": args.method,
-                               "objective": args.objective if args.method != "zeroshot" else None,
-                               "shots": args.shots, "seed": args.seed, "subsample": args.subsample,
-                               "steps": step, "epochs": history, "notes": train.notes,
-                               "trainable_parameters": sum(p.numel() for p in params.values())}
-    if splits["test"] is not None:
-        test = evaluate(classifier, splits["test"], desc="test")
-        metrics["test"] = {k: v for k, v in test.items() if k != "confusion"}
-        if len(train.classnames) <= 50:
-            plot_confusion(run_dir, test["confusion"], train.classnames)
-        if args.subsample == "base":
-            metrics["base_top1"] = test["top1"]
-    if splits["new"] is not None:
-        new = evaluate(classifier_for(classifier, tokenizer, splits["new"].classnames), splits["new"], desc="new classes")
-        metrics["new"] = {k: v for k, v in new.items() if k != "confusion"}
-        metrics["new_top1"] = new["top1"]
-        if "base_top1" in metrics:
-            metrics["harmonic_mean"] = harmonic_mean(metrics["base_top1"], metrics["new_top1"])
-    final = {"test_top1": metrics.get("test", {}).get("top1"), "new_top1": metrics.get("new_top1")}
-    baseline = history[0] if history and history[0]["epoch"] == 0 else ({**final} if args.method == "zeroshot" else {})
-    metrics["zero_shot"] = {k: baseline.get(k) for k in ("val_top1", "test_top1", "new_top1")}
-    metrics["gain"] = {k: final[k] - metrics["zero_shot"][k] for k in final
-                       if final[k] is not None and metrics["zero_shot"][k] is not None}
-    atomic_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
-    write_history(run_dir, history)
+    trainable = sum(p.numel() for p in params.values())
+    if not processes.main:
+        return {"rank": processes.rank, "steps": step}
+    run.save_weights(classifier, configs, args.method)
+    metrics = final_metrics(args, classifier, tokenizer, splits, evaluate, history, step, trainable, run)
+    run.write_metrics(metrics)
+    run.write_history(history)
     if len(history) > 1:
-        plot_curves(run_dir, history)
+        run.plot_curves(history)
     info.extra["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    info.save(run_dir)
-    log.info("wrote %s: %s", run_dir, result_line(metrics))
+    info.save(run.path)
+    log.info("wrote %s: %s", run.path, result_line(metrics))
     return metrics
 
 

@@ -21,6 +21,8 @@ from torch import nn
 
 import orthserve
 
+from .distributed import unwrap
+
 CUTOUT_MODES = ("random", "attentive", "none")
 
 
@@ -172,11 +174,13 @@ class OrthCRObjective:
     def __call__(self, classifier, images, labels):
         return self.loss(classifier, images, labels, self.draws(images))
 
-    def loss(self, classifier, images, labels, draws):
-        c = self.config
+    def loss(self, model, images, labels, draws):
+        """``model``: the classifier, or ``DistributedDataParallel`` around it; the adapted passes go through it
+        (gradients all-reduced), the frozen passes and attributes use the classifier inside."""
+        c, classifier = self.config, unwrap(model)
         if c.cutout == "none":  # the "Cutout view" is the image itself: one pass, the same loss value
             frozen = frozen_cut = self.frozen_logits(classifier, images)
-            logits = logits_cut = classifier(images).float()
+            logits = logits_cut = model(images).float()
         else:
             if self.tokens is not None:  # attentive: the mask needs the frozen patch tokens first
                 self.tokens.capturing = True
@@ -188,7 +192,7 @@ class OrthCRObjective:
             else:  # one frozen pass over both views
                 cut = self.cutout_views(classifier, images, labels, None, draws)
                 frozen, frozen_cut = self.frozen_logits(classifier, torch.cat([images, cut])).chunk(2)
-            logits_all = classifier(torch.cat([images, cut]))  # one adapted pass over both views
+            logits_all = model(torch.cat([images, cut]))  # one adapted pass over both views
             logits, logits_cut = logits_all.float().chunk(2)
         parts = {
             "ce": F.cross_entropy(logits, labels),

@@ -46,11 +46,12 @@ from tqdm import tqdm
 
 import orthserve
 from orthserve import cli, mini
-from orthserve.files import atomic_text, atomic_write
+from orthserve.files import atomic_write
 from orthserve.classifier import CLIPClassifier
 from orthserve.preprocess import PreprocessSpec, decode_image, to_pixels
 from .data import load_labelled, per_class
-from .finetune import atomic_torch_save, git_commit, lr_lambda, plot_curves, versions
+from .finetune import lr_lambda
+from .rundir import RunDir, git_commit, rng_state, set_rng_state, versions
 
 TEMPLATES = (
     "a photo of a {}.", "a blurry photo of a {}.", "a low resolution photo of a {}.", "a close-up photo of a {}.",
@@ -154,8 +155,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    run = RunDir(args.out)
+    run.start(resume=args.resume and run.has_checkpoint(), overwrite=False)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     model, _, tokenizer = orthserve.load_model(mini.MODEL_NAME, "none")
@@ -199,16 +200,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
     history: list[dict] = []
     start_epoch, seconds = 0, 0.0
-    checkpoint = out / "checkpoint.pt"
-    if args.resume and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=True, map_location=device)
-        model.visual.load_state_dict(state["visual"])
-        with torch.no_grad():
-            model.logit_scale.copy_(state["logit_scale"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"].cpu())
-        start_epoch, history, seconds = state["epoch"], json.loads(state["history"]), state["seconds"]
+    # what training changes: the image tower's parameters and batch-norm statistics, and the temperature
+    tensors = {**{f"visual.{k}": v for k, v in model.visual.state_dict().items()}, "logit_scale": model.logit_scale}
+    if args.resume and run.has_checkpoint():
+        state = run.load_checkpoint(tensors, optimizer, scheduler)
+        set_rng_state(state["rng"][0], generator)
+        start_epoch, history, seconds = state["epoch"], state["history"], state["seconds"]
 
     print(f"pretraining {sum(p.numel() for p in trainable):,} parameters on {len(samples):,} images "
           f"({len(holdout.samples):,} held out), {len(train.classes)} classes, {args.epochs} epochs x {steps_per_epoch} steps, "
@@ -245,10 +242,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             row["val_acc"] = evaluate(model, class_text, *val, spec)  # held-out training images
         history.append(row)
         print(json.dumps(row))
-        atomic_torch_save({"visual": model.visual.state_dict(), "logit_scale": model.logit_scale.detach().clone(),
-                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                           "generator": generator.get_state(), "epoch": epoch + 1,
-                           "history": json.dumps(history), "seconds": seconds}, checkpoint)
+        run.save_checkpoint(epoch=epoch + 1, step=(epoch + 1) * steps_per_epoch, history=history, tensors=tensors,
+                            optimizer=optimizer, scheduler=scheduler, rng=[rng_state(generator)], seconds=seconds)
+        run.write_history(history)
 
     weights = Path(args.weights_out)
     weights.parent.mkdir(parents=True, exist_ok=True)
@@ -267,8 +263,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         metrics["test_top1"] = evaluate(shipped, class_text.cpu(), *test, spec)
     if args.hymenoptera:
         metrics["hymenoptera_zero_shot"] = zero_shot_folder(shipped, tokenizer, Path(args.hymenoptera), ["ant", "bee"], spec)
-    atomic_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    plot_curves(out, history)
+    run.write_metrics(metrics)
+    run.plot_curves(history)
     print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
     return metrics
 
