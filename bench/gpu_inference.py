@@ -153,7 +153,7 @@ def bench(args, device: torch.device, workdir: Path) -> dict:
         import export
 
         source = export.Source(model=model, tokenizer=tokenizer, classifier=None, name=name, pretrained=pretrained,
-                               method="bench:orthogonal+lora", adapters=[c.to_dict() for c in configs], preprocess=spec)
+                               method="bench:orthcr+lora", adapters=[c.to_dict() for c in configs], preprocess=spec)
         export.export_artifact(source, workdir / "artifact", ["fp16"], tolerance=args.tolerance)
     else:
         import orthserve

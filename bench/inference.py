@@ -368,7 +368,7 @@ def bench_model(name: str, args, threads: int, photos: list[Path], workdir: Path
     to_fold, tokenizer, configs = build(name, pretrained, adapted=True, perturb=args.perturb)
     spec = PreprocessSpec.from_model(base)
     source = export.Source(model=to_fold, tokenizer=tokenizer, classifier=None, name=name, pretrained=pretrained,
-                           method="bench:orthogonal+lora", adapters=[c.to_dict() for c in configs], preprocess=spec)
+                           method="bench:orthcr+lora", adapters=[c.to_dict() for c in configs], preprocess=spec)
     out = workdir / f"{name}-artifact"
     manifest = export.export_artifact(source, out, ["int8"], images_dir=PHOTOS, tolerance=args.tolerance)
     export_s = time.perf_counter() - t0

@@ -23,16 +23,16 @@ def count_by_tower(model: torch.nn.Module) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ViT-B-16", help="open_clip model name or JSON config (random weights)")
-    parser.add_argument("--adapter", choices=["orthogonal", "lora", "aoft"], default="orthogonal")
-    parser.add_argument("--blocks", type=int, default=None, help="orthogonal: number of diagonal blocks (default 4)")
-    parser.add_argument("--block-size", type=int, default=None, help="orthogonal: block size instead of --blocks")
+    parser.add_argument("--adapter", choices=["orthcr", "lora", "aoft"], default="orthcr")
+    parser.add_argument("--blocks", type=int, default=None, help="orthcr: number of diagonal blocks (default 4)")
+    parser.add_argument("--block-size", type=int, default=None, help="orthcr: block size instead of --blocks")
     parser.add_argument("--rank", type=int, default=None, help="lora/aoft rank")
     args = parser.parse_args(argv)
 
     from .models import load_model
 
     model, _, _ = load_model(args.model, "none")
-    if args.adapter == "orthogonal":
+    if args.adapter == "orthcr":
         config = OrthogonalConfig(blocks=args.blocks, block_size=args.block_size)
     else:
         cls = LoRAConfig if args.adapter == "lora" else AOFTConfig

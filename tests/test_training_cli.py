@@ -197,3 +197,22 @@ def test_pretrain_writes_its_run_and_resumes_from_the_shared_checkpoint(sample_i
     resumed = pretrain.main([*argv, "--resume"])  # nothing left to train: the same model, the same held-out score
     assert resumed["history"] == first["history"]
     assert resumed["holdout_top1_shipped"] == first["holdout_top1_shipped"]
+
+
+def test_one_name_per_method_across_cli_config_and_benchmarks():
+    """The CLI's --method is the '+'-joined ``method`` of the adapter configs it injects; benchmark names are
+    '<CLI method>' or '<CLI method>-<variant>'; files with the old config name still load."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import common  # bench/common.py
+
+    from orthserve.adapters import config_from_dict
+
+    for method in finetune.METHODS:
+        if method in ("zeroshot", "full"):
+            continue
+        args = finetune.parse_args(["--data", "unused", "--out", "unused", "--method", method])
+        assert "+".join(c.method for c in finetune.adapter_configs(args)) == method
+    for name, flags in common.METHODS.items():
+        cli_method = flags[flags.index("--method") + 1]
+        assert name == cli_method or name.startswith(cli_method + "-"), name
+    assert config_from_dict({"method": "orthogonal", "blocks": 4}).method == "orthcr"

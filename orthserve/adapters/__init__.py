@@ -9,15 +9,19 @@ from .cayley import cayley, orthogonality_error
 from .orthogonal import FFN_TARGETS, BlockRotation, OrthogonalConfig, batched_rotation_blocks
 from .taskres import TaskResConfig, TaskResidual
 
+# One name per method: the training CLI's --method, the config's ``method`` and the benchmarks' names
+# (``orthcr+taskres`` is two configs; bench variants are ``<method>-<variant>``, e.g. ``orthcr-bs32``).
 METHODS: dict[str, type[AdapterConfig]] = {
     cls.method: cls for cls in (OrthogonalConfig, LoRAConfig, AOFTConfig, TaskResConfig)
 }
+LEGACY_NAMES = {"orthogonal": "orthcr"}  # read in files written before the names were one
 
 
 def config_from_dict(data: dict) -> AdapterConfig:
     """Inverse of ``AdapterConfig.to_dict``."""
     data = dict(data)
     method = data.pop("method", None)
+    method = LEGACY_NAMES.get(method, method)
     if method not in METHODS:
         raise ValueError(f"unknown adapter method {method!r}; known: {sorted(METHODS)}")
     if "targets" in data:

@@ -127,7 +127,7 @@ class BlockRotation(WeightAdapter):
 class OrthogonalConfig(AdapterConfig):
     """OrthCR's orthogonal fine-tuning. Give ``blocks`` or ``block_size`` (not both; default 4 blocks)."""
 
-    method: ClassVar[str] = "orthogonal"
+    method: ClassVar[str] = "orthcr"   # the training CLI's --method name (files before 0.1 wrote "orthogonal")
     targets: tuple[str, ...] = FFN_TARGETS
     blocks: int | None = None
     block_size: int | None = None
