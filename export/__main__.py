@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     from orthserve.artifact import PARITY_FILE
-    from orthserve.classifier import DEFAULT_TEMPLATES
+    from orthserve.prompts import DEFAULT_TEMPLATES
     from orthserve.models import WeightsUnavailableError, resolve_pretrained
 
     from . import ExportError, export_artifact, from_model, from_run

@@ -33,15 +33,7 @@ from . import verify
 from .source import Source
 from .towers import DEFAULT_OPSET, INPUT_NAMES, VARIANT_BUILDERS, check_opset, check_variants, export_tower
 
-DEFAULT_TOLERANCE = 1e-4
-
-
-class ExportError(RuntimeError):
-    """The export cannot be done as asked (bad output directory, failed verification, ...)."""
-
-
-class VerificationError(ExportError):
-    """The exported graphs do not reproduce the adapted PyTorch model."""
+from .verify import DEFAULT_TOLERANCE, ExportError, VerificationError, check_parity  # noqa: F401  (re-exported)
 
 
 def _versions() -> dict[str, str]:
@@ -95,15 +87,6 @@ def _variant_figures(runners: dict, images: np.ndarray, tokens: np.ndarray, fp32
     }
 
 
-def _checked(what: str, exported, reference, tolerance: float) -> dict[str, float]:
-    """``{"max_abs_diff": ...}``, or :class:`VerificationError` above the tolerance."""
-    diff = verify.max_abs_diff(torch.as_tensor(exported).detach().numpy(), torch.as_tensor(reference).numpy())
-    if not diff <= tolerance:  # NaN fails too
-        raise VerificationError(f"verification failed: {what} max_abs_diff {diff:.3g} > tolerance {tolerance:g} "
-                                "(ONNX against the unfolded adapted PyTorch model)")
-    return {"max_abs_diff": diff}
-
-
 def _export_tokenizer(source: Source, root: Path, texts: list[str], tokens: torch.Tensor) -> dict:
     """tokenizer.json for the service (HF tokenizers, no torch), checked against the model's own tokenizer on the
     verification texts (prompts, a one-letter text, one longer than the context) and a few awkward ones."""
@@ -139,13 +122,13 @@ def build(source: Source, root: Path, variants: Sequence[str] = (), images_dir: 
                                           opset)
         fp32[component] = verify.OnnxRunner(path)(inputs[component])
         nodes[component] = len(onnx.load(str(path), load_external_data=False).graph.node)
-        parity[component] = _checked(component, fp32[component], ref[component], tolerance)
+        parity[component] = check_parity(component, fp32[component], ref[component], tolerance)
     files = [onnx_file(c) for c in COMPONENTS]
     tokenizer = _export_tokenizer(source, root, texts, tokens)
     files.append(TOKENIZER_FILE)
     if source.classifier is not None:
         rebuilt = verify.class_matrix(torch.from_numpy(fp32["text"]), source.classifier)
-        parity["classifier"] = _checked("classifier", rebuilt, ref["classes"], tolerance)
+        parity["classifier"] = check_parity("classifier", rebuilt, ref["classes"], tolerance)
         save_file({"class_embeddings": ref["classes"], "logit_scale": ref["logit_scale"].reshape(())},
                   str(root / CLASSIFIER_FILE))
         files.append(CLASSIFIER_FILE)

@@ -12,7 +12,8 @@ from typing import Callable, Sequence
 from torch import nn
 
 import orthserve
-from orthserve.classifier import DEFAULT_TEMPLATES, CLIPClassifier
+from orthserve.classifier import CLIPClassifier
+from orthserve.prompts import DEFAULT_TEMPLATES
 from orthserve.preprocess import PreprocessSpec
 from orthserve.runs import load_run
 

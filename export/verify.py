@@ -19,6 +19,28 @@ from orthserve.prompts import class_embeddings, prompts
 from orthserve.classifier import CLIPClassifier
 from orthserve.preprocess import PreprocessSpec, load_pixels, to_pixels
 
+# The fp32 graphs must reproduce the unfolded adapted PyTorch model to this max absolute difference
+# (embeddings and logits; fp16 and int8 are judged by cosine and top-1 agreement instead, see below).
+DEFAULT_TOLERANCE = 1e-4
+
+
+class ExportError(RuntimeError):
+    """The export cannot be done as asked (bad output directory, failed verification, ...)."""
+
+
+class VerificationError(ExportError):
+    """The exported graphs do not reproduce the adapted PyTorch model."""
+
+
+def check_parity(what: str, exported, reference, tolerance: float = DEFAULT_TOLERANCE) -> dict[str, float]:
+    """``{"max_abs_diff": ...}``, or :class:`VerificationError` above the tolerance."""
+    diff = max_abs_diff(torch.as_tensor(exported).detach().numpy(), torch.as_tensor(reference).numpy())
+    if not diff <= tolerance:  # NaN fails too
+        raise VerificationError(f"verification failed: {what} max_abs_diff {diff:.3g} > tolerance {tolerance:g} "
+                                "(ONNX against the unfolded adapted PyTorch model)")
+    return {"max_abs_diff": diff}
+
+
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DEFAULT_IMAGE_SETS = ("hymenoptera-val", "flowers5")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")

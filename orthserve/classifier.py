@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import TaskResConfig, TaskResidual, WeightAdapter
-from .prompts import check_templates, class_embeddings, prompts
+from .prompts import DEFAULT_TEMPLATES, check_templates, class_embeddings, prompts  # noqa: F401  (DEFAULT_TEMPLATES re-exported)
 
-DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
 def is_text_side(name: str) -> bool:

@@ -45,7 +45,7 @@ def read_classnames(path: str | Path) -> dict[str, str]:
 def parse_labels(text: str) -> list[str]:
     """A JSON list of strings or comma-separated names -> the names, stripped (empty comma items dropped)."""
     text = text.strip()
-    if text.startswith("["):
+    if text.startswith(("[", "{")):  # JSON (a JSON object is a mistake to name, not one label '{"a": 1}')
         try:
             value = json.loads(text)
         except (ValueError, RecursionError):

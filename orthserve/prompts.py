@@ -5,6 +5,9 @@ A template is a string with ``{}`` where the class name goes (``"a photo of a {}
 plain replacement, so braces in class names or elsewhere in a template are just text. A class embedding
 is the mean of its prompts' normalized embeddings, normalized again (CLIP's prompt ensembling).
 Works on NumPy arrays (the service) and torch tensors (training, export) alike. Torch-free.
+
+The service uses the templates stored in its artifact: export's ``--template`` (default
+:data:`DEFAULT_TEMPLATES`, or the training run's templates).
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from typing import Sequence, TypeVar
 
 Array = TypeVar("Array")  # numpy.ndarray or torch.Tensor
 SLOT = "{}"
+DEFAULT_TEMPLATES = ("a photo of a {}.",)  # training, evaluation and export, unless --template says otherwise
 
 
 def check_templates(templates: Sequence[str]) -> list[str]:

@@ -16,6 +16,11 @@ from typing import Callable
 import anyio
 import numpy as np
 
+# Images per image-encoder call, at most: large batches are where a GPU is fast; on CPU, 32 already reaches the
+# cores' rate.  ORTHSERVE_MAX_BATCH_SIZE (service/settings.py) overrides; runtime.default_max_batch picks.
+GPU_MAX_BATCH = 256
+CPU_MAX_BATCH = 32
+
 
 @functools.cache
 def batch_size_histogram():

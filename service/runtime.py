@@ -31,6 +31,7 @@ from orthserve.artifact import (CLASSIFIER_FILE, MANIFEST_FILE, TOKENIZER_FILE, 
                                 sha256_file)
 from orthserve.preprocess import PreprocessSpec
 from . import gpu
+from .batching import CPU_MAX_BATCH, GPU_MAX_BATCH
 from .settings import remember_verified, settings, verified_artifact
 
 log = logging.getLogger("orthserve.service")
@@ -184,7 +185,7 @@ def default_workers() -> int:
 
 def default_max_batch() -> int:
     """``ORTHSERVE_MAX_BATCH_SIZE``, else 256 images on a GPU (large batches are where it is fast) and 32 on CPU."""
-    return settings().max_batch or (256 if serving_gpus() else 32)
+    return settings().max_batch or (GPU_MAX_BATCH if serving_gpus() else CPU_MAX_BATCH)
 
 
 def default_threads() -> int:

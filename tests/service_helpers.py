@@ -1,8 +1,10 @@
 """Shared by the service tests: one exported orthserve-tiny artifact per test session, test images."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -89,3 +91,31 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, seconds: float = 180
             pass
         assert time.monotonic() < deadline, f"not ready in {seconds} s:\n{Path(log).read_text()[-3000:]}"
         time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def live_server(artifact: Path, workdir: Path, **env_extra: str):
+    """``bentoml serve`` of ``artifact`` on a free loopback port, as an ``httpx.Client`` (``.server_pid`` set), with
+    two workers on any machine so the balancing between them runs; killed (process group) on exit."""
+    port = free_port()
+    log = open(workdir / "serve.log", "w+")
+    env = {**os.environ, "ORTHSERVE_MODEL": str(artifact), "ORTHSERVE_WORKERS": "2", "HF_HUB_OFFLINE": "1",
+           "BENTOML_HOME": str(workdir / "bentoml_home"), **env_extra}
+    bentoml = Path(sys.executable).with_name("bentoml")
+    proc = subprocess.Popen([str(bentoml), "serve", "service.service:Classifier", "--host", "127.0.0.1",
+                             "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, Path(log.name))
+        with httpx.Client(base_url=url, timeout=60) as client:
+            client.server_pid = proc.pid  # the workers' parent: it names their in-flight board
+            yield client
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()

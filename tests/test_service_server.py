@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,7 +15,7 @@ import pytest
 
 from orthserve.artifact import load_artifact
 from orthserve.preprocess import decode_image, to_pixels
-from service_helpers import PHOTOS, REPO, export_tiny, free_port, photos, wait_ready
+from service_helpers import export_tiny, live_server, photos
 
 pytestmark = pytest.mark.slow
 MAX_BYTES = 2 * 1024 * 1024
@@ -31,30 +28,8 @@ def artifact_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(artifact_dir, tmp_path_factory):
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")
-    env = {**os.environ, "ORTHSERVE_MODEL": str(artifact_dir), "ORTHSERVE_MAX_BYTES": str(MAX_BYTES),
-           "ORTHSERVE_WORKERS": "2",  # two workers on any machine, so the balancing between them runs
-           "HF_HUB_OFFLINE": "1", "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml_home"))}
-    bentoml = Path(sys.executable).with_name("bentoml")
-    proc = subprocess.Popen([str(bentoml), "serve", "service.service:Classifier", "--host", "127.0.0.1",
-                             "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc, Path(log.name))
-        with httpx.Client(base_url=url, timeout=60) as client:
-            client.server_pid = proc.pid  # the workers' parent: it names their in-flight board
-            yield client
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
-    assert proc.returncode is not None
+    with live_server(artifact_dir, tmp_path_factory.mktemp("serve"), ORTHSERVE_MAX_BYTES=str(MAX_BYTES)) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")

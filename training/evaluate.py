@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 import orthserve
 from orthserve import cli
 from orthserve.files import atomic_text
-from orthserve.classifier import DEFAULT_TEMPLATES
+from orthserve.prompts import DEFAULT_TEMPLATES
 from orthserve.preprocess import PreprocessSpec
 from orthserve.runs import RunInfo, load_base_model, load_run
 
