@@ -33,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-from inference import synchronize  # noqa: E402
+from timing import synchronize  # noqa: E402
 from orthserve.adapters.cayley import cayley, newton_inverse, orthogonality_error, skew  # noqa: E402
 
 # (in_features, layers) of the orthogonally adapted linears of ViT-B-16: image c_fc, c_proj; text c_fc, c_proj

@@ -41,8 +41,8 @@ import torch.nn.functional as F  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from inference import (build, image_gflop, matmul_rate, pretrained_for, run_record, save_results,  # noqa: E402
-                       timed_rounds)
+from inference import build, pretrained_for  # noqa: E402
+from timing import image_gflop, matmul_rate, run_record, save_results, timed_rounds  # noqa: E402
 from server import PHOTOS  # noqa: E402
 
 TARGET_FRACTION = 0.30

@@ -45,58 +45,16 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from server import PHOTOS, cpu_int8_instructions, photo_paths  # noqa: E402  (bench/ is sys.path[0])
+from timing import (image_gflop, matmul_rate, ort_runner, run_record, save_results,  # noqa: E402,F401
+                    threads_available, time_path, timed_rounds)
+from int8_fidelity import TARGETS as FIDELITY_TARGETS  # noqa: E402
+from int8_fidelity import fidelity_image_sets, fidelity_table, fidelity_verdicts, int8_fidelity  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 PATHS = ("pytorch-base", "pytorch-unfolded", "pytorch-folded", "ort-fp32", "ort-int8")
 VIT_B32_GFLOP = 8.8
-TARGETS = {"folded_over_base": 0.98, "int8_over_fp32": 1.8, "int8_cosine": 0.99, "int8_top1_agreement": 0.99}
+TARGETS = {"folded_over_base": 0.98, "int8_over_fp32": 1.8, **FIDELITY_TARGETS}
 FULL_COMMAND = "nice -n 5 .venv/bin/python bench/inference.py"
-
-
-def threads_available() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def matmul_rate(n: int, repeats: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict:
-    """GFLOP/s of an n x n matmul with torch on ``device`` (best of ``repeats``, after one warm-up)."""
-    device = torch.device(device)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    torch.mm(a, b)
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    flop = 2.0 * n ** 3
-    return {"n": n, "repeats": repeats, "threads": torch.get_num_threads(), "device": str(device),
-            "dtype": str(dtype).removeprefix("torch."), "seconds": times,
-            "gflops_best": flop / min(times) / 1e9, "gflops_median": flop / statistics.median(times) / 1e9}
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (a no-op on the CPU), so a timer around it measures the work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def image_gflop(model: torch.nn.Module, size: int) -> float:
-    """FLOPs of one image through the image tower (matmuls, convs, attention), in GFLOP.
-
-    Counted with a grad-requiring input: without one, ``nn.MultiheadAttention`` takes its fused inference
-    path, which the counter cannot see (ViT-B-32 read 5.9 GFLOP instead of 8.8: no q/k/v, output projection or
-    attention).  The CPU attention kernel is not in torch's FLOP table either, so it is added here."""
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-
-    def cpu_attention(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-    extra = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention}
-    counter = FlopCounterMode(display=False, custom_mapping=extra)
-    with counter:
-        model.encode_image(torch.zeros(1, 3, size, size, requires_grad=True))
-    return counter.get_total_flops() / 1e9
 
 
 def pretrained_for(name: str) -> str:
@@ -141,40 +99,6 @@ def torch_runner(model: torch.nn.Module, spec):
         with torch.inference_mode():
             return tower(torch.from_numpy(pixels)).numpy()
     return run
-
-
-def ort_runner(path: Path, variant: str, threads: int):
-    from orthserve.artifact import ort_session
-
-    session = ort_session(path, variant, ["CPUExecutionProvider"], threads)
-    name = session.get_inputs()[0].name
-    return lambda pixels: session.run(None, {name: pixels})[0]
-
-
-def time_path(run, pixels, seconds: float, min_iters: int, device: torch.device = torch.device("cpu")) -> float:
-    """Images/second: repeat ``run(pixels)`` for at least ``seconds`` and ``min_iters`` calls (on a GPU, the
-    device drained before and after)."""
-    synchronize(device)
-    iters, start = 0, time.perf_counter()
-    while iters < min_iters or time.perf_counter() - start < seconds:
-        run(pixels)
-        iters += 1
-    synchronize(device)
-    return len(pixels) * iters / (time.perf_counter() - start)
-
-
-def timed_rounds(runners: dict, pixels, batches: list[int], rounds: int, seconds: float, min_iters: int, label: str,
-                 device: torch.device = torch.device("cpu")) -> dict[str, dict[int, list[float]]]:
-    """Images/s of every path (``runners``: name -> run) at every batch size, once per round; within a round
-    the paths run back to back, the first one rotating, so a shared machine's drift hits them alike."""
-    paths = list(runners)
-    rates: dict[str, dict[int, list[float]]] = {p: {b: [] for b in batches} for p in paths}
-    for r in range(rounds):
-        for b in batches:
-            for path in paths[r % len(paths):] + paths[:r % len(paths)]:
-                rates[path][b].append(time_path(runners[path], pixels[:b], seconds, min_iters, device))
-        print(f"  {label}: round {r + 1}/{rounds} done", flush=True)
-    return rates
 
 
 class ServiceLayout:
@@ -237,123 +161,6 @@ def service_layout_rates(art, pixels: np.ndarray, args) -> dict:
             "images_per_s": {v: {b: round(statistics.median(x), 2) for b, x in d.items()} for v, d in rates.items()},
             "images_per_s_all_rounds": {v: {b: [round(x, 2) for x in xs] for b, xs in d.items()} for v, d in rates.items()},
             "int8_over_fp32": {str(b): paired_ratio(rates, "int8", "fp32", str(b)) for b in args.batches}}
-
-
-def class_embeddings(text_run, art, labels: list[str], template: str = "a photo of {}.") -> np.ndarray:
-    from orthserve import prompts
-
-    emb = np.concatenate([text_run(art.tokenize(prompts.prompts(labels[i:i + 64], [template])))
-                          for i in range(0, len(labels), 64)])
-    return prompts.class_embeddings(emb, len(labels), 1)
-
-
-def tiny_imagenet_names() -> list[str]:
-    path = DATA / "tiny-imagenet" / "classnames.txt"
-    if not path.is_file():
-        return []
-    names = [line.split(" ", 1)[1].strip() for line in path.read_text().splitlines() if " " in line]
-    return list(dict.fromkeys(names))
-
-
-def tiny_imagenet_photos(split: str = "val", per_class: int | None = None, last: bool = False) -> list[Path]:
-    """Tiny-ImageNet's real photos of ``split`` (64 px; val has 25 per class here): ``per_class`` of each class in
-    sorted order, the first ones or with ``last`` the last ones."""
-    root = DATA / "tiny-imagenet" / split
-    if not root.is_dir():
-        return []
-    photos = [sorted(f for f in c.iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png"))
-              for c in sorted(d for d in root.iterdir() if d.is_dir())]
-    return [p for ps in photos for p in (ps[-per_class:] if last and per_class else ps[:per_class])]
-
-
-def fidelity_image_sets(photos: list[Path], tiny_per_class: int | None) -> dict[str, tuple[list[Path], list[str]]]:
-    """Image set -> (real photos, label sets to score them with).  The 153 hymenoptera photos are few
-    (one flip = 0.65 points of agreement), so Tiny-ImageNet's val photos are scored as well."""
-    sets = {"hymenoptera-val": (photos, ["ants/bees", "tiny-imagenet 202 names"])}
-    tiny = tiny_imagenet_photos("val", tiny_per_class) if tiny_per_class != 0 else []
-    if tiny:
-        sets["tiny-imagenet val"] = (tiny, ["tiny-imagenet 202 names"])
-    return sets
-
-
-def top_two_margins(scores: np.ndarray) -> np.ndarray:
-    """Per row, best score minus second best (cosines): how near a tie the fp32 answer is.  An image flips
-    only if int8 moves its unit embedding by more than its margin along the two classes' difference; at
-    embedding cosine c the move is sqrt(2 (1 - c)) long (0.0063 at 0.99998), so flips should be near-ties."""
-    best_two = np.sort(scores, axis=1)[:, -2:]
-    return best_two[:, 1] - best_two[:, 0]
-
-
-def int8_fidelity(art, threads: int, image_sets: dict[str, tuple[list[Path], list[str]]]) -> dict:
-    """int8 against fp32 on real photos, per image set: image-embedding cosine; top-1 agreement with each
-    label set, end to end (int8 image and text towers) and with the int8 image tower only (what
-    ``ORTHSERVE_INT8=1`` serves)."""
-    from orthserve.preprocess import load_pixels
-
-    labels = {"ants/bees": ["ants", "bees"], "tiny-imagenet 202 names": tiny_imagenet_names()}
-    image = {v: ort_runner(art.onnx_path("image", v), v, threads) for v in ("fp32", "int8")}
-    text = {v: ort_runner(art.onnx_path("text", v), v, threads) for v in ("fp32", "int8")}
-    classes = {name: {v: class_embeddings(text[v], art, names) for v in ("fp32", "int8")}
-               for name, names in labels.items() if names}
-    out = {}
-    for set_name, (paths, label_sets) in image_sets.items():
-        pixels = load_pixels([str(p) for p in paths], art.preprocess)
-        img = {v: np.concatenate([image[v](pixels[i:i + 32]) for i in range(0, len(pixels), 32)])
-               for v in ("fp32", "int8")}
-        cos = (img["fp32"] * img["int8"]).sum(1) / (np.linalg.norm(img["fp32"], axis=1)
-                                                    * np.linalg.norm(img["int8"], axis=1))
-        row = {"images": len(paths), "image_cosine_mean": float(cos.mean()), "image_cosine_min": float(cos.min()),
-               "label_sets": {}}
-        for label_set in (n for n in label_sets if n in classes):
-            cls = classes[label_set]
-            scores_fp32 = img["fp32"] @ cls["fp32"].T
-            top_fp32 = scores_fp32.argmax(1)
-            image_only_flips = (img["int8"] @ cls["fp32"].T).argmax(1) != top_fp32
-            margins = top_two_margins(scores_fp32 / np.linalg.norm(img["fp32"], axis=1, keepdims=True))
-            row["label_sets"][label_set] = {
-                "classes": len(labels[label_set]),
-                "top1_agreement_end_to_end": float(np.mean((img["int8"] @ cls["int8"].T).argmax(1) == top_fp32)),
-                "top1_agreement_image_only": float(np.mean(~image_only_flips)),
-                "class_embedding_cosine_min": float((cls["fp32"] * cls["int8"]).sum(1).min()),
-                "fp32_margin_median": float(np.median(margins)),
-                "fp32_margins_of_flips": sorted(float(m) for m in margins[image_only_flips]),
-            }
-        out[set_name] = row
-    return out
-
-
-def fidelity_verdicts(model: str, fidelity: dict) -> list[dict]:
-    """The issue's int8 fidelity targets, per image set.  The service's int8 option quantizes the image
-    tower only, so agreement is judged on that column (end to end is reported beside it)."""
-    verdicts = []
-    for set_name, fid in fidelity.items():
-        verdicts.append({"model": model, "target": f"int8 image cosine (mean) >= {TARGETS['int8_cosine']} ({set_name})",
-                         "value": round(fid["image_cosine_mean"], 5), "pass": fid["image_cosine_mean"] >= TARGETS["int8_cosine"],
-                         "note": f"min over {fid['images']} images {fid['image_cosine_min']:.5f}"})
-        for label_set, figures in fid["label_sets"].items():
-            value = figures["top1_agreement_image_only"]
-            verdicts.append({"model": model, "target": f"int8 image tower top-1 agreement >= "
-                             f"{TARGETS['int8_top1_agreement']:.0%} ({set_name}, {label_set})", "value": round(value, 4),
-                             "pass": value >= TARGETS["int8_top1_agreement"],
-                             "note": f"{fid['images']} images; both towers int8: {figures['top1_agreement_end_to_end']:.2%}"})
-    return verdicts
-
-
-def fidelity_table(results: list[dict]) -> list[str]:
-    """One row per image set and label set.  The margins column shows how near a tie the fp32 answers of the
-    images that the int8 image tower flips were (fp32 top-1 minus top-2 cosine), beside the set's median."""
-    lines = ["| model | image set | images | image cosine mean / min | label set | top-1 agreement, int8 image tower "
-             "| both towers int8 | fp32 top-1 margin of the flipped images (all images) |", "|---|---|---|---|---|---|---|---|"]
-    for res in results:
-        for set_name, fid in res["int8_fidelity"].items():
-            for label_set, f in fid["label_sets"].items():
-                flips = f.get("fp32_margins_of_flips")
-                margins = "" if flips is None else (
-                    f"{len(flips)} flips, largest {max(flips, default=0):.4f} (median {f['fp32_margin_median']:.4f})")
-                lines.append(f"| {res['model']} ({res['pretrained']}) | {set_name} | {fid['images']} | "
-                             f"{fid['image_cosine_mean']:.5f} / {fid['image_cosine_min']:.5f} | {label_set} | "
-                             f"{f['top1_agreement_image_only']:.2%} | {f['top1_agreement_end_to_end']:.2%} | {margins} |")
-    return lines
 
 
 def bench_model(name: str, args, threads: int, photos: list[Path], workdir: Path) -> dict:
@@ -556,53 +363,6 @@ def write_chart(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def fidelity_only(artifact: Path, threads: int, photos: list[Path], args) -> None:
-    """int8 fidelity of an existing artifact: int8_fidelity.{json,md} in --out."""
-    from orthserve.artifact import ArtifactError, load_artifact
-
-    try:
-        art = load_artifact(artifact)
-    except ArtifactError as err:
-        raise SystemExit(f"error: {err}") from None
-    if "int8" not in art.variants("image") or "int8" not in art.variants("text"):
-        raise SystemExit(f"{artifact}: no int8 towers (export it with --int8)")
-    started = time.perf_counter()
-    fidelity = int8_fidelity(art, threads, fidelity_image_sets(photos, args.tiny_per_class))
-    model = art.manifest["model"]
-    result = {"model": model, "pretrained": art.manifest.get("pretrained"), "artifact": str(artifact),
-              "int8_fidelity": fidelity}
-    verdicts = fidelity_verdicts(model, fidelity)
-    report = {"results": [result], "verdicts": verdicts, "targets": TARGETS,
-              "seconds": round(time.perf_counter() - started, 1), **run_record()}
-    lines = [f"# int8 fidelity of `{artifact}` ({model}) on real photos", "",
-             f"Reproduce: `{FULL_COMMAND} --fidelity-only {artifact}`", "",
-             "int8 = the artifact's dynamically quantized towers (onnxruntime `quantize_dynamic`, per-channel 7-bit int8 "
-             "weights; the first attention's projections and the final projection stay fp32); reference = its fp32 towers. Agreement = same top-1 class as fp32 with the same label set; "
-             "`ORTHSERVE_INT8=1` serves the int8 image tower with the fp32 text tower.", "",
-             *fidelity_table([result]), "", "| target | value | verdict |", "|---|---|---|"]
-    lines += [f"| {v['target']} | {v['value']} | {'PASS' if v['pass'] else 'FAIL'} ({v['note']}) |" for v in verdicts]
-    lines += ["", f"{report['created']}; {report['machine']}; {report['seconds']} s."]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "int8_fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "int8_fidelity.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
-
-def run_record() -> dict:
-    """What every result file records about its run: machine, command line, time."""
-    return {"machine": f"{platform.platform()}, python {platform.python_version()}, torch {torch.__version__}",
-            "command": " ".join(sys.argv), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-
-
-def save_results(out: Path, stem: str, report: dict, markdown, chart) -> None:
-    """``stem``.json, .md (``markdown(report, path)``) and .png (``chart(report, path)``) in ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    markdown(report, out / f"{stem}.md")
-    chart(report, out / f"{stem}.png")
-    print(f"wrote {out / stem}.json, .md, .png")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=None, help="default: ViT-B-32 orthserve-mini (--smoke: orthserve-tiny orthserve-mini)")
@@ -616,9 +376,6 @@ def main() -> None:
     parser.add_argument("--accuracy-images", type=int, default=None, help="photos for int8 fidelity (default: all)")
     parser.add_argument("--tiny-per-class", type=int, default=None,
                         help="Tiny-ImageNet val photos per class for int8 fidelity (default: all 25; 0: none)")
-    parser.add_argument("--fidelity-only", type=Path, default=None, metavar="ARTIFACT",
-                        help="only the int8 fidelity of an exported artifact that has int8 towers (e.g. artifacts/default "
-                             "after make serve); no timing, so a busy machine does not matter; writes int8_fidelity.{json,md}")
     parser.add_argument("--perturb", type=float, default=0.01, help="std of the noise added to adapter parameters")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="export verification tolerance (max abs diff)")
     parser.add_argument("--smoke", action="store_true", help="small models, short timings; results labelled smoke-scale")
@@ -637,9 +394,6 @@ def main() -> None:
     if len(photos) < max(args.batches):
         photos = (photos * (max(args.batches) // len(photos) + 1))
     args.accuracy_images = args.accuracy_images or len(photo_paths())
-    if args.fidelity_only:
-        fidelity_only(args.fidelity_only, threads, photo_paths()[:args.accuracy_images], args)
-        return
     load0 = os.getloadavg()
     print(f"matmul {args.matmul_n}x{args.matmul_n} fp32 ({threads} threads) ...", flush=True)
     mm = matmul_rate(args.matmul_n, args.matmul_repeats)

@@ -305,9 +305,9 @@ def test_image_graphs_take_uint8_pixels_and_normalize_inside(all_artifact):
 
 @requires_data
 def test_int8_fidelity_benchmark_on_an_artifact(all_artifact, tmp_path):
-    """bench/inference.py --fidelity-only: int8 vs fp32 of an artifact on both real image sets, with verdicts."""
+    """bench/int8_fidelity.py: int8 vs fp32 of an artifact on both real image sets, with verdicts."""
     out = tmp_path / "results"
-    done = subprocess.run([sys.executable, "bench/inference.py", "--fidelity-only", str(all_artifact.root),
+    done = subprocess.run([sys.executable, "bench/int8_fidelity.py", str(all_artifact.root),
                            "--accuracy-images", "4", "--tiny-per-class", "1", "--threads", "1", "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -323,7 +323,7 @@ def test_int8_fidelity_benchmark_on_an_artifact(all_artifact, tmp_path):
             assert len(flips) == round((1 - figures["top1_agreement_image_only"]) * row["images"])
             assert all(0.0 <= m <= 2.0 for m in flips) and figures["fp32_margin_median"] >= 0.0
     assert len(report["verdicts"]) == 5 and "int8 image tower top-1 agreement" in (out / "int8_fidelity.md").read_text()
-    refused = subprocess.run([sys.executable, "bench/inference.py", "--fidelity-only", str(tmp_path)],
+    refused = subprocess.run([sys.executable, "bench/int8_fidelity.py", str(tmp_path)],
                              cwd=REPO, capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "manifest" in refused.stderr
 
