@@ -156,6 +156,12 @@ def _check_files(root: Path, manifest: dict, hashed: Collection[str] | None = No
                                 f"(modified or corrupted); re-export or re-copy the artifact")
 
 
+def verify_files(artifact: Artifact, hashed: Collection[str] | None = None) -> Artifact:
+    """Check a loaded artifact's files (sizes; sha256 of ``hashed``, None: all) against its manifest; returns it."""
+    _check_files(artifact.root, artifact.manifest, hashed)
+    return artifact
+
+
 def load_artifact(path: str | Path, verify: bool = True, hashed: Collection[str] | None = None) -> Artifact:
     """Open ART_DIR; checks the schema and (with ``verify``) every file's size and the sha256 of the files
     in ``hashed`` (None: all of them)."""

@@ -28,7 +28,7 @@ import onnxruntime as ort
 
 from orthserve.prompts import class_embeddings, prompts
 from orthserve.artifact import (CLASSIFIER_FILE, MANIFEST_FILE, TOKENIZER_FILE, Artifact, load_artifact, ort_session,
-                                sha256_file)
+                                sha256_file, verify_files)
 from orthserve.preprocess import PreprocessSpec
 from . import gpu
 from .batching import CPU_MAX_BATCH, GPU_MAX_BATCH
@@ -81,8 +81,8 @@ def open_artifact(spec: str | None = None) -> Artifact:
     mark = f"{root.resolve()}@{sha256_file(root / MANIFEST_FILE)}" if (root / MANIFEST_FILE).is_file() else ""
     if mark and verified_artifact() == mark:
         return load_artifact(root, verify=True, hashed=())
-    artifact = load_artifact(root, verify=False)
-    artifact = load_artifact(root, verify=True, hashed=served_files(artifact))
+    artifact = load_artifact(root, verify=False)  # once: which files it serves depends on its manifest
+    verify_files(artifact, served_files(artifact))  # raises before anything is served
     remember_verified(mark)
     return artifact
 
