@@ -31,9 +31,7 @@ flags are reused, so an interrupted benchmark continues where it stopped (``--fr
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -41,7 +39,7 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/common.py: shared helpers)
-from common import DATA, METHODS, METHOD_LABELS, REPO, fmt, log, mean_std  # noqa: E402
+from common import DATA, METHOD_LABELS, REPO, fmt, log, mean_std  # noqa: E402
 
 SCRIPT = "bench/base_to_new.py"
 DEFAULT_TRAIN = DATA / "tiny-imagenet" / "train"

@@ -18,7 +18,6 @@ Run folders go to the cache and finished identical runs are reused (``--fresh`` 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/common.py: shared helpers)
-from common import DATA, METHODS, METHOD_LABELS, REPO, fmt, log, mean_std  # noqa: E402
+from common import DATA, METHOD_LABELS, REPO, fmt, log, mean_std  # noqa: E402
 
 SCRIPT = "bench/fewshot_curve.py"
 DEFAULT_DATA = DATA / "flowers5"
