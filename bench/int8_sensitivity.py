@@ -25,8 +25,9 @@ import onnx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from inference import (DATA, class_embeddings, cpu_int8_instructions, ort_runner, run_record, save_results,  # noqa: E402
-                       tiny_imagenet_names, tiny_imagenet_photos)
+from inference import cpu_int8_instructions  # noqa: E402
+from int8_fidelity import DATA, class_embeddings, tiny_imagenet_names, tiny_imagenet_photos  # noqa: E402
+from timing import ort_runner, run_record, save_results  # noqa: E402
 
 from export.towers import ATTENTION_OPS, int8_sensitive_nodes, to_int8  # noqa: E402
 from orthserve.artifact import load_artifact  # noqa: E402

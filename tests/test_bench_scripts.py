@@ -231,11 +231,11 @@ def test_inference_ratios_are_paired_per_round():
 
 def test_top_two_margins_measure_how_near_a_tie_each_answer_is():
     """Best minus second-best score per image, whatever the order of the classes."""
-    import inference
+    import int8_fidelity
     import numpy as np
 
     scores = np.array([[0.30, 0.10, 0.29], [0.05, 0.50, 0.20]])
-    assert np.allclose(inference.top_two_margins(scores), [0.01, 0.30])
+    assert np.allclose(int8_fidelity.top_two_margins(scores), [0.01, 0.30])
 
 
 @requires_data
