@@ -46,9 +46,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-METHODS = ("taskres", "lora", "lora-orthcr", "aoft", "orthcr-ce", "orthcr", "orthcr+taskres", "full")
+METHODS = ("taskres", "lora", "lora-orthcr", "aoft", "orthcr-ce", "orthcr", "orthcr-bs32", "orthcr-bs16",
+           "orthcr+taskres", "full")
 # (CLI method, objective) where the benchmark's name says more than the method
-VARIANTS = {"orthcr-ce": ("orthcr", "ce"), "lora-orthcr": ("lora", "orthcr")}
+VARIANTS = {"orthcr-ce": ("orthcr", "ce"), "lora-orthcr": ("lora", "orthcr"),
+            "orthcr-bs32": ("orthcr", "orthcr"), "orthcr-bs16": ("orthcr", "orthcr")}
+# extra training CLI flags of a variant: block sides as bench/common.py's transfer variants use them
+EXTRA_FLAGS = {"orthcr-bs32": ["--block-size", "32"], "orthcr-bs16": ["--block-size", "16"]}
 BEFORE = "@4896f2c"  # the orthogonal adapter as it was before the batched Cayley transform
 
 
@@ -101,7 +105,8 @@ def build_step(method: str, args):
     device = torch.device(args.device)
     name, objective_name = method_and_objective(method)
     options = finetune.parse_args(["--data", "-", "--out", "-", "--model", args.model, "--pretrained", "none",
-                                   "--method", name, "--objective", objective_name, "--batch-size", str(args.batch_size)])
+                                   "--method", name, "--objective", objective_name, "--batch-size", str(args.batch_size),
+                                   *EXTRA_FLAGS.get(method.removesuffix(":compiled"), [])])
     classes = [f"class {i}" for i in range(args.classes)]
     classifier, _, _ = finetune.build_classifier(options, classes, device)
     params = finetune.trainable_parameters(classifier)
