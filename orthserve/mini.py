@@ -78,6 +78,32 @@ class ConvStem(nn.Module):
         out.proj.load_state_dict(self.proj.state_dict())
         return out.to(self.proj.weight.device)
 
+    @torch.no_grad()
+    def unfolded(self, sample: torch.Tensor) -> "ConvStem":
+        """The folded stem with batch norms put back, so training can start again from shipped weights.
+
+        Each norm gets the per-channel mean and variance of its conv's output on ``sample`` (a batch
+        of normalized images) as running statistics, and the weight and bias that undo them: in eval
+        mode the result computes exactly what the folded stem does, in train mode nearly so.
+        """
+        if any(isinstance(s.norm, nn.BatchNorm2d) for s in self.stages):
+            raise ValueError("this stem already has batch norms")
+        out = ConvStem(self.proj.out_channels, tuple((s.conv.out_channels, s.conv.stride[0]) for s in self.stages),
+                       batch_norm=True).to(self.proj.weight.device)
+        x = sample
+        for mine, theirs in zip(self.stages, out.stages):
+            theirs.conv.weight.copy_(mine.conv.weight)
+            z = theirs.conv(x)                                     # the folded conv without its bias
+            mean, var = z.mean((0, 2, 3)), z.var((0, 2, 3), unbiased=False)
+            norm = theirs.norm
+            norm.running_mean.copy_(mean)
+            norm.running_var.copy_(var)
+            norm.weight.copy_((var + norm.eps).sqrt())
+            norm.bias.copy_(mean + mine.conv.bias)
+            x = mine(x)
+        out.proj.load_state_dict(self.proj.state_dict())
+        return out
+
 
 def create(device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
     """open_clip's model (MiniLM weights in the text tower) with our stem; ``(model, eval transform)``.

@@ -118,6 +118,29 @@ def test_mini_shipped_weights_fold_batch_norm_and_reload_exactly(tmp_path):
     assert torch.nn.functional.cosine_similarity(expected, got).min() > 0.9999  # fp16 storage
 
 
+def test_mini_unfolded_stem_computes_what_the_folded_one_does():
+    """A warm restart puts the batch norms back (training.pretrain --init-weights): same function in eval mode,
+    and in train mode on the batch its statistics came from."""
+    from orthserve import mini
+
+    torch.manual_seed(0)
+    folded = mini.ConvStem(mini.IMAGE_TOWER["width"]).eval()
+    with torch.no_grad():
+        for stage in folded.stages:
+            stage.conv.bias.uniform_(-0.3, 0.3)
+    sample = torch.randn(32, 3, 64, 64)
+    unfolded = folded.unfolded(sample)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in unfolded.modules()) == len(mini.STEM_CHANNELS)
+    with torch.no_grad():
+        expected = folded(sample)
+        images = torch.randn(4, 3, 64, 64)
+        assert torch.allclose(unfolded.eval()(images), folded(images), atol=1e-4)
+        assert torch.allclose(unfolded.train()(sample), expected, atol=1e-3)
+        assert torch.allclose(unfolded.eval().folded()(images), folded(images), atol=1e-4)  # and back
+    with pytest.raises(ValueError, match="already"):
+        unfolded.unfolded(sample)
+
+
 def test_mini_full_checkpoint_loads_through_open_clip_loader(tmp_path):
     """The export's plain checkpoint of an orthserve-mini model (all tensors) loads by path."""
     from safetensors.torch import save_file

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -197,6 +198,25 @@ def test_pretrain_writes_its_run_and_resumes_from_the_shared_checkpoint(sample_i
     resumed = pretrain.main([*argv, "--resume"])  # nothing left to train: the same model, the same held-out score
     assert resumed["history"] == first["history"]
     assert resumed["holdout_top1_shipped"] == first["holdout_top1_shipped"]
+
+
+def test_pretrain_warm_restart_from_shipped_weights_with_cutmix(sample_images, tmp_path):
+    """--init-weights starts from a shipped file (folded stem, batch norms put back): before any step the
+    model scores what the file scores; --cutmix trains on soft labels."""
+    from training import pretrain
+
+    common = ["--data", str(sample_images / "flowers5"), "--holdout-per-class", "1", "--batch-size", "8",
+              "--warmup-steps", "1", "--precision", "fp32", "--device", "cpu"]
+    first = pretrain.main([*common, "--epochs", "1", "--out", str(tmp_path / "first"),
+                           "--weights-out", str(tmp_path / "first.safetensors")])
+    start = pretrain.main([*common, "--epochs", "0", "--init-weights", str(tmp_path / "first.safetensors"),
+                           "--out", str(tmp_path / "zero"), "--weights-out", str(tmp_path / "zero.safetensors")])
+    assert start["holdout_top1_shipped"] == first["holdout_top1_shipped"]
+    warm = pretrain.main([*common, "--epochs", "1", "--init-weights", str(tmp_path / "first.safetensors"),
+                          "--cutmix", "1.0", "--out", str(tmp_path / "warm"), "--weights-out", str(tmp_path / "warm.safetensors")])
+    assert [row["epoch"] for row in warm["history"]] == [0, 1]  # epoch 0: the file it started from
+    assert warm["history"][0]["val_acc"] == start["holdout_top1"] == first["holdout_top1"]
+    assert math.isfinite(warm["history"][1]["train_loss"])
 
 
 def test_one_name_per_method_across_cli_config_and_benchmarks():

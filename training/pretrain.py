@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torchvision.ops import roi_align
+from torchvision.transforms.v2 import CutMix
 from tqdm import tqdm
 
 import orthserve
@@ -139,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup-steps", type=int, default=300)
     p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--min-scale", type=float, default=0.35, help="smallest area fraction of the random resized crop")
+    p.add_argument("--cutmix", type=float, default=0.0,
+                   help="probability that a batch gets CutMix (torchvision's, soft labels): a regularizer for longer runs")
+    p.add_argument("--init-weights", help="start the image tower from a shipped weights file (a warm restart, e.g. "
+                                          "orthserve/weights/orthserve-mini.safetensors) instead of from scratch")
     p.add_argument("--limit", type=int, default=0, help="use only the first N training images (smoke tests)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -160,12 +166,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     model, _, tokenizer = orthserve.load_model(mini.MODEL_NAME, "none")
-    mini.install_stem(model, batch_norm=True)
+    if not args.init_weights:
+        mini.install_stem(model, batch_norm=True)
     spec = PreprocessSpec.from_model(model)
 
     train = load_labelled(args.data, args.classnames)
     holdout, rest = per_class(train, args.holdout_per_class, seed=args.seed)
     samples = rest.samples[: args.limit] if args.limit else rest.samples
+    images = decoded_images([s.path for s in samples], spec)
+    labels = torch.tensor([s.label for s in samples])
+    if args.init_weights:  # the shipped stem is folded: put its batch norms back, same function (mini.ConvStem)
+        mini.load_default_weights(model, args.init_weights)
+        sample = normalize(torch.from_numpy(images[torch.randperm(len(images))[:512].numpy()]), spec)
+        model.visual.conv1 = model.visual.conv1.unfolded(sample)
     classifier = CLIPClassifier(model, tokenizer, train.classnames, list(TEMPLATES))
     for p in model.parameters():
         p.requires_grad_(False)
@@ -175,8 +188,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for p in trainable:
         p.requires_grad_(True)
 
-    images = decoded_images([s.path for s in samples], spec)
-    labels = torch.tensor([s.label for s in samples])
     val = None
     if holdout.samples:
         val = (decoded_images([s.path for s in holdout.samples], spec),
@@ -198,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay, fused=device.type in ("cpu", "cuda"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, args.warmup_steps, total, 0.02))
     generator = torch.Generator().manual_seed(args.seed)
+    cutmix = CutMix(num_classes=len(train.classes))
     history: list[dict] = []
     start_epoch, seconds = 0, 0.0
     # what training changes: the image tower's parameters and batch-norm statistics, and the temperature
@@ -207,6 +219,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         set_rng_state(state["rng"][0], generator)
         start_epoch, history, seconds = state["epoch"], state["history"], state["seconds"]
 
+    if args.init_weights and not history and val is not None:  # epoch 0: the model the warm restart starts from
+        history.append({"epoch": 0, "val_acc": evaluate(model, class_text, *val, spec)})
     print(f"pretraining {sum(p.numel() for p in trainable):,} parameters on {len(samples):,} images "
           f"({len(holdout.samples):,} held out), {len(train.classes)} classes, {args.epochs} epochs x {steps_per_epoch} steps, "
           f"{args.precision} on {device}")
@@ -218,13 +232,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}")
         for step in bar:
             index = order[step * args.batch_size:(step + 1) * args.batch_size]
-            x = augment(normalize(torch.from_numpy(images[index.numpy()]), spec), generator).to(device)
-            y = labels[index].to(device)
+            x = augment(normalize(torch.from_numpy(images[index.numpy()]), spec), generator, args.min_scale)
+            y = labels[index]
+            target = y                                              # class indices, or soft labels after CutMix
+            if args.cutmix and torch.rand((), generator=generator) < args.cutmix:
+                x, target = cutmix(x, y)
+            x, y, target = x.to(device), y.to(device), target.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
                 features = model.encode_image(x)
             features = F.normalize(features.float(), dim=-1)
             logits = model.logit_scale.exp() * features @ class_text.T
-            loss = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
+            loss = F.cross_entropy(logits, target, label_smoothing=args.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -257,7 +275,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     shipped, _, _ = orthserve.load_model(mini.MODEL_NAME, "none")   # the file as users load it
     mini.load_default_weights(shipped, weights)
     if val is not None:
-        metrics["holdout_top1"] = history[-1]["val_acc"]
+        if history:
+            metrics["holdout_top1"] = history[-1]["val_acc"]
         metrics["holdout_top1_shipped"] = evaluate(shipped, class_text.cpu(), *val, spec)
     if test is not None:
         metrics["test_top1"] = evaluate(shipped, class_text.cpu(), *test, spec)
