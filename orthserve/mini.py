@@ -67,9 +67,14 @@ class ConvStem(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.stages(x))
 
+    @property
+    def channels(self) -> tuple[tuple[int, int], ...]:
+        """``(channels, stride)`` of each conv, as the constructor takes them."""
+        return tuple((s.conv.out_channels, s.conv.stride[0]) for s in self.stages)
+
     def folded(self) -> "ConvStem":
         """The same function without batch norm (eval statistics folded into the convolutions)."""
-        out = ConvStem(self.proj.out_channels, tuple((s.conv.out_channels, s.conv.stride[0]) for s in self.stages))
+        out = ConvStem(self.proj.out_channels, self.channels)
         for mine, theirs in zip(self.stages, out.stages):
             if isinstance(mine.norm, nn.BatchNorm2d):
                 theirs.conv = fuse_conv_bn_eval(mine.conv.eval(), mine.norm.eval())
@@ -88,8 +93,7 @@ class ConvStem(nn.Module):
         """
         if any(isinstance(s.norm, nn.BatchNorm2d) for s in self.stages):
             raise ValueError("this stem already has batch norms")
-        out = ConvStem(self.proj.out_channels, tuple((s.conv.out_channels, s.conv.stride[0]) for s in self.stages),
-                       batch_norm=True).to(self.proj.weight.device)
+        out = ConvStem(self.proj.out_channels, self.channels, batch_norm=True).to(self.proj.weight.device)
         x = sample
         for mine, theirs in zip(self.stages, out.stages):
             theirs.conv.weight.copy_(mine.conv.weight)
